@@ -1,0 +1,264 @@
+"""OpenMoE decoder-only language model (openmoe_spec.md §3), one readable file in the Hugging Face style.
+
+Architecture facts that differ from Llama: attention without 1/sqrt(d) scaling (T5X), heads*head_dim may differ
+from hidden_size, a 2I-wide gate with a three-way SwiGLU product, and every moe_layer_interval-th layer is an MoE
+layer followed by an extra dense FFN with its own pre-norm. Router losses travel through the layer outputs so
+they keep their graph under (non-reentrant) activation checkpointing.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..moe.experts import swiglu3
+from ..moe.layer import OpenMoeSparseMLP
+from .config import OpenMoeConfig
+from .loss import chunked_lm_loss
+
+
+class OpenMoeRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class OpenMoeRotaryEmbedding(nn.Module):
+    """T5X rotary embedding over the full head dim: timescale = theta^(2i/d), halves duplicated (rotate_half)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor):
+        # Angles are computed from the positions themselves, so prefill and cached decoding agree by construction.
+        angles = position_ids.float().unsqueeze(-1) * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1)  # [B, T, d]
+        return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)  # broadcast over heads
+    return x * cos + rotate_half(x) * sin
+
+
+class OpenMoeAttention(nn.Module):
+    def __init__(self, config: OpenMoeConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask=None, past_key_values=None):
+        bsz, seq, _ = x.shape
+        q, k, v = (proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        # T5X convention: no 1/sqrt(head_dim) scaling of the scores.
+        is_causal = attn_mask is None and seq > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=1.0)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class OpenMoeMLP(nn.Module):
+    def __init__(self, config: OpenMoeConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu3(self.gate_proj(x), self.up_proj(x)))
+
+
+class OpenMoeDecoderLayer(nn.Module):
+    def __init__(self, config: OpenMoeConfig, layer_idx: int):
+        super().__init__()
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.input_layernorm = OpenMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = OpenMoeAttention(config, layer_idx)
+        self.post_attention_layernorm = OpenMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = OpenMoeSparseMLP(config) if self.is_moe else OpenMoeMLP(config)
+        if self.is_moe:
+            self.pre_extra_mlp_layernorm = OpenMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.extra_mlp = OpenMoeMLP(config)
+
+    def forward(self, x, cos, sin, attn_mask=None, past_key_values=None):
+        """Returns (hidden, aux_loss, z_loss); the losses are zero scalars for a dense layer."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, past_key_values)
+        if not self.is_moe:
+            zero = x.new_zeros((), dtype=torch.float32)
+            return x + self.mlp(self.post_attention_layernorm(x)), zero, zero
+        moe_out, aux_loss, z_loss = self.mlp(self.post_attention_layernorm(x))
+        x = x + moe_out
+        # The released checkpoint applies the always-on dense FFN after the MoE residual, with its own norm.
+        x = x + self.extra_mlp(self.pre_extra_mlp_layernorm(x))
+        return x, aux_loss, z_loss
+
+
+class OpenMoePreTrainedModel(PreTrainedModel):
+    config_class = OpenMoeConfig
+    config: OpenMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["OpenMoeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, OpenMoeRMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, OpenMoeSparseMLP):
+            module.reset_parameters()
+        elif isinstance(module, OpenMoeRotaryEmbedding):
+            head_dim = module.inv_freq.numel() * 2
+            module.inv_freq.copy_(1.0 / self.config.rope_theta ** (
+                torch.arange(0, head_dim, 2, dtype=torch.float32, device=module.inv_freq.device) / head_dim))
+
+
+def build_attention_mask(attention_mask, query_len: int, past_len: int, dtype_device_ref: torch.Tensor):
+    """Boolean [B, 1, T, past+T] mask (True = attend) from a [B, past+T] padding mask, or None for plain causal.
+
+    Rows that would attend to nothing (left-padding queries) are opened fully: their outputs are never used,
+    and an all-False row would make SDPA return NaN.
+    """
+    if attention_mask is None:
+        if past_len == 0 or query_len == 1:
+            return None  # pure causal prefill, or one new token that sees the whole cache
+        attention_mask = torch.ones(dtype_device_ref.shape[0], past_len + query_len, dtype=torch.bool,
+                                    device=dtype_device_ref.device)
+    keys = attention_mask.bool()[:, None, None, :]
+    q_pos = torch.arange(past_len, past_len + query_len, device=keys.device)[:, None]
+    k_pos = torch.arange(attention_mask.shape[-1], device=keys.device)[None, :]
+    mask = keys & (k_pos <= q_pos)
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class OpenMoeModel(OpenMoePreTrainedModel):
+    def __init__(self, config: OpenMoeConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(OpenMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = OpenMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = OpenMoeRotaryEmbedding(config.head_dim, config.rope_theta)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        bsz, seq = x.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: count only real tokens
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+            else:
+                position_ids = torch.arange(past_len, past_len + seq, device=x.device).expand(bsz, -1)
+        cos, sin = self.rotary_emb(position_ids)
+        mask = build_attention_mask(attention_mask, seq, past_len, x)
+
+        aux_losses, z_losses = [], []
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                # Non-reentrant: the router losses returned from inside keep their graph and train the gate.
+                x, aux, z = checkpoint(layer, x, cos, sin, mask, past_key_values, use_reentrant=False)
+            else:
+                x, aux, z = layer(x, cos, sin, mask, past_key_values)
+            if layer.is_moe:
+                aux_losses.append(aux)
+                z_losses.append(z)
+        zero = x.new_zeros((), dtype=torch.float32)
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else zero
+        z_loss = torch.stack(z_losses).mean() if z_losses else zero
+        return OpenMoeModelOutput(self.norm(x), past_key_values if use_cache else None, aux_loss, z_loss)
+
+
+@dataclass
+class OpenMoeModelOutput:
+    last_hidden_state: torch.Tensor
+    past_key_values: object
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+@dataclass
+class OpenMoeCausalLMOutput(CausalLMOutputWithPast):
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    router_z_loss: torch.Tensor | None = None
+
+
+class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
+    def __init__(self, config: OpenMoeConfig):
+        super().__init__(config)
+        self.model = OpenMoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, num_items_in_batch=None,
+                return_logits=None, **kwargs):
+        """With labels, the loss is computed from the hidden states chunk by chunk and logits are not returned
+        (pass return_logits=True to get them too): B x T x 256k fp32 logits would not fit.
+
+        loss = lm_loss + router_aux_loss_factor * aux_loss + router_z_loss_factor * router_z_loss, where lm_loss
+        is the per-target-token mean (or the sum divided by num_items_in_batch, for exact global means across
+        data-parallel ranks and accumulation steps).
+        """
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
+        hidden = out.last_hidden_state
+        cfg = self.config
+        loss = lm_loss = logits = None
+        if labels is not None:
+            lm_loss = chunked_lm_loss(hidden, self.lm_head.weight, labels, label_smoothing=cfg.label_smoothing,
+                                      z_loss_factor=cfg.z_loss_factor, chunk_tokens=cfg.loss_chunk_tokens,
+                                      num_items=num_items_in_batch)
+            loss = lm_loss + cfg.router_aux_loss_factor * out.aux_loss + cfg.router_z_loss_factor * out.z_loss
+        if labels is None or return_logits:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep]).float()
+        return OpenMoeCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                     lm_loss=lm_loss, aux_loss=out.aux_loss, router_z_loss=out.z_loss)
+
+    def moe_layers(self) -> list[OpenMoeSparseMLP]:
+        return [m for m in self.modules() if isinstance(m, OpenMoeSparseMLP)]

@@ -1,0 +1,62 @@
+"""OpenMoE's sparse MLP: route, sort copies by expert, run the experts, combine (openmoe_spec.md §4.2).
+
+Expert parallelism replaces only `run_experts` (the exchange of sorted rows between ranks); routing,
+capacity, and combine stay here, so single-device and parallel layers compute the same function.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .experts import GroupedExperts
+from .permute import DispatchPlan
+from .router import capacity, route
+
+
+class OpenMoeSparseMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.router_topk
+        self.dispatch = config.dispatch
+        self.capacity_factor_train = config.capacity_factor_train
+        self.capacity_factor_eval = config.capacity_factor_eval
+        self.min_capacity = config.min_capacity
+        self.router_noise = config.router_noise
+        self.router_renormalize = config.router_renormalize
+        self.init_scale = config.expert_init_scale
+        self.gate_weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.intermediate_size)
+        # Detached statistics of the last forward, for logging and load balancing; never read on the hot path.
+        self.register_buffer("last_counts", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("last_dropped", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.gate_weight, std=math.sqrt(self.init_scale / self.gate_weight.shape[1]))
+        self.experts.reset_parameters(self.init_scale)
+
+    def capacity(self, num_tokens: int) -> int | None:
+        if self.dispatch == "dropless":
+            return None
+        factor = self.capacity_factor_train if self.training else self.capacity_factor_eval
+        return capacity(num_tokens, self.num_experts, self.top_k, factor, self.min_capacity)
+
+    def run_experts(self, rows: torch.Tensor, plan: DispatchPlan, cap: int | None) -> torch.Tensor:
+        # Single device: dropped copies are computed too (no host sync to size a smaller buffer) and are then
+        # given zero weight in the combine, which is exactly the reference's "contributes 0".
+        return self.experts(rows, plan.counts)
+
+    def forward(self, hidden_states: torch.Tensor):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        routing = route(x, self.gate_weight, self.top_k, noise=self.router_noise,
+                        renormalize=self.router_renormalize, training=self.training)
+        plan = DispatchPlan.build(routing.expert_idx, self.num_experts)
+        cap = self.capacity(x.shape[0])
+        rows = self.run_experts(plan.permute(x), plan, cap)
+        weights = routing.weights * plan.kept(cap)
+        out = plan.combine(rows, weights).to(hidden_states.dtype)
+        self.last_counts.copy_(routing.counts.detach())
+        self.last_dropped.copy_(plan.dropped(cap).detach())
+        return out.view(shape), routing.aux_loss, routing.z_loss

@@ -1,0 +1,48 @@
+"""Token-choice top-k routing as in OpenMoE / ST-MoE (openmoe_spec.md §4.3).
+
+The router always runs in fp32: the softmax over experts and the z-loss are numerically fragile in bf16.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Routing:
+    expert_idx: torch.Tensor  # [S, k] long, column 0 is every token's first choice
+    weights: torch.Tensor     # [S, k] fp32 combine weights (raw softmax probs unless renormalised)
+    aux_loss: torch.Tensor    # scalar, Switch load-balancing loss E * sum_e f_e * P_e (balanced top-k value: k)
+    z_loss: torch.Tensor      # scalar, mean(logsumexp(logits)^2)
+    counts: torch.Tensor      # [E] long, tokens that chose each expert (before any capacity drop)
+
+
+def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, *, noise: str = "none",
+          renormalize: bool = False, training: bool = False) -> Routing:
+    """Route tokens x [S, H] to top_k of E experts with gate_weight [E, H]."""
+    num_experts = gate_weight.shape[0]
+    x = x.float()
+    if training and noise == "jitter":  # Switch Transformer: multiplicative noise on the router input
+        x = x * torch.empty_like(x).uniform_(0.99, 1.01)
+    logits = F.linear(x, gate_weight.float())
+    if training and noise == "gaussian":  # noisy top-k with std 1/E, as in the reference's "Gaussian" policy
+        logits = logits + torch.randn_like(logits) / num_experts
+    probs = logits.softmax(dim=-1)
+    weights, expert_idx = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+
+    counts = torch.bincount(expert_idx.flatten(), minlength=num_experts)
+    # Fraction of tokens sent to each expert (union over the k choices, so it sums to k) times mean probability.
+    fraction = counts.float() / x.shape[0]
+    aux_loss = num_experts * (fraction * probs.mean(dim=0)).sum()
+    z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+    return Routing(expert_idx, weights, aux_loss, z_loss, counts)
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
+    """Slots per expert in capacity mode: floor(k*cf*S/E), rounded up to even, at least min_capacity."""
+    cap = int(top_k * capacity_factor * num_tokens / num_experts)
+    cap += cap % 2
+    return max(cap, min_capacity)
