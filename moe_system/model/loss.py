@@ -2,39 +2,78 @@
 
 Per target token (T5X style, openmoe_spec.md §2.4): label-smoothed cross-entropy minus its constant minimum,
 plus the output z-loss z_loss_factor * logsumexp(logits)^2. Tokens labelled -100 (prompt, padding) are ignored.
-The head runs over chunks of target tokens; each chunk is checkpointed, so its fp32 logits live only while
-that chunk is computed (in forward, and again in backward).
+
+The head and the loss are fused: chunk by chunk, the forward computes the fp32 logits, the loss, and at once
+the gradients of the loss with respect to the hidden states and the head weight (accumulated in place). Only
+one chunk's logits exist at a time, nothing is recomputed in backward, and the weight gradient is never held
+twice — a 256k-vocabulary head costs one [chunk, V] buffer instead of B x T x V logits and their gradient.
 """
 
 import math
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
 
-def token_losses(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
-                 z_loss_factor: float = 0.0) -> torch.Tensor:
-    """Per-row loss for fp32 logits [N, V] and targets [N]."""
+def _smoothing_constants(label_smoothing: float, vocab: int):
+    confidence, low = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
+    # Entropy of the smoothed target: subtracting it makes a perfect prediction score 0, as T5X does.
+    minimum = -(confidence * math.log(confidence) + (vocab - 1) * low * math.log(low + 1e-20)) if label_smoothing else 0.0
+    return confidence, low, minimum
+
+
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float, z_loss_factor: float,
+                         need_grad: bool):
+    """Summed loss of fp32 logits [n, V]; with need_grad also d(loss)/d(logits), computed in place over logits."""
+    vocab = logits.shape[-1]
+    confidence, low, minimum = _smoothing_constants(label_smoothing, vocab)
     lse = torch.logsumexp(logits, dim=-1)
-    nll = lse - logits.gather(-1, targets[:, None]).squeeze(-1)
-    loss = nll
-    if label_smoothing > 0:
-        vocab = logits.shape[-1]
-        confidence, low = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
-        others = vocab * lse - logits.sum(dim=-1) - nll  # sum over non-target classes of -log p
-        # Subtracting the entropy of the smoothed target makes a perfect prediction score 0, as T5X does.
-        minimum = -(confidence * math.log(confidence) + (vocab - 1) * low * math.log(low + 1e-20))
-        loss = confidence * nll + low * others - minimum
-    if z_loss_factor > 0:
+    target_logit = logits.gather(-1, targets[:, None]).squeeze(-1)
+    nll = lse - target_logit
+    loss = confidence * nll - minimum
+    if label_smoothing:
+        loss = loss + low * (vocab * lse - logits.sum(dim=-1) - nll)  # sum over non-target classes of -log p
+    if z_loss_factor:
         loss = loss + z_loss_factor * lse.square()
-    return loss
+    if not need_grad:
+        return loss.sum(), None
+    # d/dlogits: (confidence - low + low*V + 2*zf*lse) * softmax - (confidence - low) * onehot - low
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs.mul_((confidence - low + low * vocab + 2 * z_loss_factor * lse)[:, None])
+    probs.scatter_add_(-1, targets[:, None], torch.full_like(lse[:, None], -(confidence - low)))
+    if low:
+        probs.sub_(low)
+    return loss.sum(), probs
 
 
-def _chunk_loss_sum(hidden, weight, targets, label_smoothing, z_loss_factor):
-    logits = (hidden @ weight.t()).float()
-    return token_losses(logits, targets, label_smoothing, z_loss_factor).sum()
+class FusedLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, label_smoothing, z_loss_factor, chunk_tokens, denominator, need_grad):
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, targets.numel(), chunk_tokens):
+            h = hidden[start:start + chunk_tokens]
+            logits = (h @ weight.t()).float()
+            loss, dlogits = _chunk_loss_and_grad(logits, targets[start:start + chunk_tokens], label_smoothing,
+                                                 z_loss_factor, need_grad)
+            total += loss
+            if need_grad:
+                grad_hidden[start:start + chunk_tokens] = (dlogits.to(weight.dtype) @ weight)
+                grad_weight.addmm_(dlogits.t(), h.float())
+        if need_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.denominator = denominator
+        ctx.weight_dtype = weight.dtype
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output / ctx.denominator
+        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
+                None, None, None, None, None, None)
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, *,
@@ -49,10 +88,10 @@ def chunked_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: tor
     targets = labels[:, 1:].reshape(-1)
     rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
     hidden, targets = hidden[rows], targets[rows]
-    total = hidden.new_zeros((), dtype=torch.float32) + 0.0 * hidden.sum()  # keeps the graph when empty
-    for start in range(0, targets.numel(), chunk_tokens):
-        end = start + chunk_tokens
-        total = total + checkpoint(_chunk_loss_sum, hidden[start:end], head_weight, targets[start:end],
-                                   label_smoothing, z_loss_factor, use_reentrant=False)
     denominator = num_items if num_items is not None else max(targets.numel(), 1)
-    return total / denominator
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.item()
+    # Grad mode is off inside Function.forward, so decide here whether the fused gradients are needed.
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
+    return FusedLinearLoss.apply(hidden, head_weight, targets, label_smoothing, z_loss_factor, chunk_tokens,
+                                 float(denominator), need_grad)

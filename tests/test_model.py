@@ -1,0 +1,132 @@
+import torch
+import pytest
+
+from moe_system.model import OpenMoeConfig, OpenMoeForCausalLM
+from moe_system.training.flops import param_counts
+
+
+def tiny(**overrides):
+    cfg = OpenMoeConfig.from_preset("tiny", **overrides)
+    torch.manual_seed(0)
+    return OpenMoeForCausalLM(cfg).eval()
+
+
+# Spec table (openmoe_spec.md §3.2): total and per-token activated block parameters.
+@pytest.mark.parametrize("name,total,active", [("base", 0.80e9, 0.142e9), ("8b", 11.86e9, 2.75e9), ("34b", 46.3e9, None)])
+def test_parameter_counts_match_released_sizes(name, total, active):
+    cfg = OpenMoeConfig.from_preset(name)
+    with torch.device("meta"):
+        model = OpenMoeForCausalLM(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == param_counts(cfg)["total"]  # the analytic count used for FLOPs agrees with the modules
+    assert abs(n - total) / total < 0.01, f"{name}: {n / 1e9:.3f}B vs {total / 1e9}B"
+    if active is not None:
+        assert abs(param_counts(cfg)["active_blocks"] - active) / active < 0.01
+
+
+def test_architecture_details():
+    cfg = OpenMoeConfig.from_preset("8b")
+    with torch.device("meta"):
+        model = OpenMoeForCausalLM(cfg)
+    assert [i for i, l in enumerate(model.model.layers) if l.is_moe] == [5, 11, 17, 23]
+    layer = model.model.layers[5]
+    assert layer.self_attn.q_proj.weight.shape == (24 * 128, 2048)  # heads*head_dim != hidden
+    assert layer.mlp.experts.wi_gate.shape == (32, 2048, 2 * 8192)
+    assert layer.mlp.experts.wo.shape == (32, 8192, 2048)
+    assert layer.extra_mlp.gate_proj.weight.shape == (2 * 8192, 2048)
+    assert not cfg.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight
+
+
+def test_attention_is_unscaled_t5x_style():
+    model = tiny()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 5, 128)
+    cos, sin = model.model.rotary_emb(torch.arange(5)[None])
+    out = attn(x, cos, sin)
+    from moe_system.model.modeling import apply_rotary
+    q = apply_rotary(attn.q_proj(x).view(1, 5, 4, 48).transpose(1, 2), cos, sin)
+    k = apply_rotary(attn.k_proj(x).view(1, 5, 4, 48).transpose(1, 2), cos, sin)
+    v = attn.v_proj(x).view(1, 5, 4, 48).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2)  # no 1/sqrt(d)
+    scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    ref = attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, 5, -1))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_generate_with_cache_equals_without(dispatch):
+    model = tiny(dispatch=dispatch)
+    ids = torch.randint(3, 1024, (2, 7))
+    mask = torch.ones_like(ids)
+    a = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_cache=True)
+    b = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_cached_decode_logits_match_full_forward():
+    # The released code had a decode-time RoPE off-by-one; positions here come from the tokens themselves.
+    model = tiny()
+    ids = torch.randint(3, 1024, (1, 10))
+    full = model(ids).logits
+    out = model(ids[:, :6], use_cache=True)
+    cache, steps = out.past_key_values, [out.logits[:, -1]]
+    for t in range(6, 10):
+        out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 5:9], rtol=1e-4, atol=1e-4)
+
+
+def test_left_padded_batch_matches_single_rows():
+    model = tiny()
+    rows = [torch.randint(3, 1024, (n,)) for n in (4, 9, 6)]
+    width = 9
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for i, r in enumerate(rows):
+        single = model.generate(r[None], attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                                max_new_tokens=8, do_sample=False)
+        assert torch.equal(batch[i, width:], single[0, len(r):]), i
+
+
+def test_save_pretrained_sharded_roundtrip(tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = tiny()
+    model.save_pretrained(tmp_path, max_shard_size="2MB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(loaded) is OpenMoeForCausalLM
+    ids = torch.randint(3, 1024, (2, 8))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_router_losses_train_the_gate_under_checkpointing():
+    # The reference lost these gradients (reentrant checkpointing ran the router under no_grad).
+    model = tiny()
+    model.train()
+    model.model.gradient_checkpointing = True
+    ids = torch.randint(3, 1024, (2, 16))
+    out = model(ids, labels=ids)
+    gate = model.model.layers[1].mlp.gate_weight
+    (grad_aux,) = torch.autograd.grad(out.aux_loss, gate, retain_graph=True)
+    (grad_z,) = torch.autograd.grad(out.router_z_loss, gate)
+    assert grad_aux.abs().sum() > 0 and grad_z.abs().sum() > 0
+
+
+def test_checkpointing_gives_same_gradients():
+    ids = torch.randint(3, 1024, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        model = tiny()
+        model.train()
+        if ckpt:
+            model.model.gradient_checkpointing = True
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

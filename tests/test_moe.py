@@ -1,0 +1,113 @@
+import torch
+import torch.nn.functional as F
+import pytest
+
+from moe_system.model import OpenMoeConfig
+from moe_system.moe import DispatchPlan, OpenMoeSparseMLP, capacity, expert_ffn, route
+from moe_system.moe.experts import swiglu3
+
+
+def layer(**overrides):
+    cfg = OpenMoeConfig.from_preset("tiny", **overrides)
+    torch.manual_seed(0)
+    moe = OpenMoeSparseMLP(cfg)
+    moe.reset_parameters()
+    return moe
+
+
+def naive_moe(moe, x, cap):
+    """Token-by-token reference of OpenMoE's sparse MLP, with the reference's capacity priority."""
+    logits = x.float() @ moe.gate_weight.float().t()
+    probs = logits.softmax(-1)
+    weights, experts = probs.topk(moe.top_k, dim=-1)
+    used = [0] * moe.num_experts
+    keep = torch.zeros_like(weights, dtype=torch.bool)
+    for choice in range(moe.top_k):          # all first choices before any second choice
+        for t in range(x.shape[0]):          # then sequence order
+            e = experts[t, choice].item()
+            keep[t, choice] = cap is None or used[e] < cap
+            used[e] += 1
+    out = torch.zeros_like(x)
+    w = moe.experts
+    for t in range(x.shape[0]):
+        for choice in range(moe.top_k):
+            if keep[t, choice]:
+                e = experts[t, choice]
+                h = swiglu3(x[t] @ w.wi_gate[e], x[t] @ w.wi_up[e]) @ w.wo[e]
+                out[t] += weights[t, choice] * h
+    return out, keep
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_sparse_mlp_matches_token_by_token_reference(dispatch):
+    moe = layer(dispatch=dispatch, capacity_factor_train=0.5).train()
+    x = torch.randn(2, 24, 128)
+    out, aux, z = moe(x)
+    cap = moe.capacity(48)
+    ref, keep = naive_moe(moe, x.view(-1, 128), cap)
+    torch.testing.assert_close(out.view(-1, 128), ref, rtol=1e-5, atol=1e-5)
+    if dispatch == "capacity":
+        assert (~keep).any(), "the test must drop something to check the priority order"
+        assert moe.last_dropped.sum().item() == (~keep).sum().item()
+    assert moe.last_counts.sum().item() == 48 * moe.top_k
+
+
+def test_capacity_formula():
+    # floor(k*cf*S/E), made even, at least min_capacity (openmoe_spec.md §4.3)
+    assert capacity(2048, 32, 2, 1.25, 4) == 160
+    assert capacity(100, 16, 2, 1.25, 4) == 16  # floor(15.6)=15 -> 16
+    assert capacity(10, 16, 2, 1.25, 4) == 4
+
+
+def test_dispatch_plan_orders_first_choices_first():
+    experts = torch.tensor([[0, 1], [1, 0], [0, 1]])  # 3 tokens, top-2
+    plan = DispatchPlan.build(experts, 2)
+    assert plan.counts.tolist() == [3, 3]
+    # expert 0 rows: token0 (1st), token2 (1st), token1 (2nd); expert 1: token1 (1st), token0 (2nd), token2 (2nd)
+    assert plan.token_of_row.tolist() == [0, 2, 1, 1, 0, 2]
+    assert plan.kept(2).tolist() == [[True, True], [True, False], [True, False]]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_grouped_mm_equals_per_expert_loop(dtype, tol):
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 17, 3, 0, 9, 1, 13])  # includes experts with no tokens
+    x = torch.randn(int(counts.sum()), 64, dtype=dtype, requires_grad=True)
+    w = [torch.randn(8, 64, 2 * 96, dtype=dtype) * 0.1, torch.randn(8, 64, 96, dtype=dtype) * 0.1,
+         torch.randn(8, 96, 64, dtype=dtype) * 0.1]
+    results = []
+    for impl in ("grouped_mm", "loop"):
+        ws = [t.clone().requires_grad_() for t in w]
+        xi = x.detach().clone().requires_grad_()
+        y = expert_ffn(xi, counts, *ws, impl=impl)
+        y.backward(torch.ones_like(y))
+        results.append([y, xi.grad, *(t.grad for t in ws)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def test_aux_loss_balanced_value_and_z_loss():
+    # Uniform router: every expert gets the same share; aux = E * sum f*P = k.
+    x = torch.randn(64, 16)
+    gate = torch.zeros(8, 16)
+    r = route(x, gate, 2)
+    counts = torch.bincount(r.expert_idx.flatten(), minlength=8).float()
+    assert torch.isclose(r.aux_loss, 8 * (counts / 64 * (1 / 8)).sum())
+    assert torch.isclose(r.z_loss, torch.tensor(8.0).log() ** 2)
+
+
+def test_router_noise_only_in_training_and_renormalize():
+    x = torch.randn(32, 16)
+    gate = torch.randn(8, 16)
+    a = route(x, gate, 2, noise="gaussian", training=False)
+    b = route(x, gate, 2, noise="gaussian", training=True)
+    assert torch.equal(a.weights, route(x, gate, 2).weights)
+    assert not torch.equal(a.weights, b.weights)
+    r = route(x, gate, 2, renormalize=True)
+    torch.testing.assert_close(r.weights.sum(-1), torch.ones(32))
+
+
+def test_router_runs_in_fp32_for_bf16_inputs():
+    moe = layer().to(torch.bfloat16)
+    out, aux, z = moe(torch.randn(1, 16, 128, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and aux.dtype == torch.float32 and z.dtype == torch.float32
