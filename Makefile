@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine (Python 3.11, no GPU, PyPI): `make demo` and `make test`.
+# The virtualenv is rebuilt only when requirements.txt or this file change.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export OMP_NUM_THREADS ?= 2
+
+$(VENV)/.installed: requirements.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned everywhere: anything unpinned would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt torch==2.13.0
+	# colossalai's metadata pins torch<=2.5.1 and transformers==4.51.3; it runs with ours, so skip its deps.
+	$(PY) -m pip install -q --no-deps colossalai==0.5.0
+	touch $@
+
+.PHONY: venv demo test
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) train.py
+	$(PY) infer.py --prompt "1 2 + 3 4 =" --prompt "reverse: a b c d ->"
+
+test: venv
+	$(PY) -m pytest -q tests
