@@ -21,7 +21,7 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(PY) train.py
-	$(PY) infer.py --prompt "1 2 + 3 4 =" --prompt "reverse: a b c d ->"
+	$(PY) infer.py --greedy --prompt "3 4 + 2 5 =" --prompt "reverse: a b c d ->" --prompt "capital: France ->"
 
 test: venv
 	$(PY) -m pytest -q tests

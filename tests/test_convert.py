@@ -1,0 +1,423 @@
+"""Converters from the released OpenMoE layouts (Colossal-AI, OrionZheng, T5X) to ours, and strict loading.
+
+Each layout test writes a tiny synthetic checkpoint the way that release stores it, converts it, loads the result
+and compares its logits with a reference forward computed straight from the source tensors. The reference is
+written here from the spec (openmoe_spec.md §3.3), not from our model code, so a wrong transpose, swapped
+gate/up projections or swapped gate halves all fail.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from moe_system.model import OpenMoeConfig
+from moe_system.model.convert import (CheckpointError, config_from_released, convert_checkpoint, detect_layout,
+                                      load_any_checkpoint, load_pretrained_strict, main, read_t5x_npz)
+
+# Layer 0 is dense and layer 1 MoE; heads * head_dim != hidden, and H, I, 2I all differ so that most transposes
+# also change shapes.
+ARCH = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+            head_dim=12, num_experts=4, moe_layer_interval=2)
+# Four tokens and four experts: no expert can receive more than min_capacity (4) tokens, so nothing is dropped.
+TOKENS = [0, 17, 42, 5]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference forward, float64, every matrix as [in, out]
+
+
+def reference_logits(p: dict, tokens: list[int]) -> torch.Tensor:
+    heads, hd, inter = ARCH["num_attention_heads"], ARCH["head_dim"], ARCH["intermediate_size"]
+    x = p["embed"][tokens]
+    seq = x.shape[0]
+    # T5X rotary: timescale 1e4^(2i/d), the angle table duplicated over both halves of the head.
+    angle = torch.arange(seq, dtype=torch.float64)[:, None] / 1e4 ** (torch.arange(0, hd, 2).double() / hd)
+    angle = torch.cat([angle, angle], dim=-1)
+
+    def rope(t):
+        rotated = torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], dim=-1)
+        return t * angle.cos() + rotated * angle.sin()
+
+    def norm(v, scale):
+        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * scale
+
+    def ffn(v, wi0, wi1, wo):
+        gate = v @ wi0  # first half linear, second half through SiLU, times the up projection
+        return (gate[:, :inter] * F.silu(gate[:, inter:]) * (v @ wi1)) @ wo
+
+    future = torch.ones(seq, seq).triu(1).bool()
+    for layer in p["layers"]:
+        h = norm(x, layer["ln_attn"])
+        q, k, v = ((h @ layer[name]).view(seq, heads, hd).transpose(0, 1) for name in ("q", "k", "v"))
+        scores = (rope(q) @ rope(k).transpose(1, 2)).masked_fill(future, float("-inf"))  # no 1/sqrt(d)
+        attended = (scores.softmax(-1) @ v).transpose(0, 1).reshape(seq, heads * hd)
+        x = x + attended @ layer["o"]
+        h = norm(x, layer["ln_mlp"])
+        if "router" not in layer:
+            x = x + ffn(h, *layer["mlp"])
+            continue
+        probs = (h @ layer["router"]).softmax(-1)
+        weights, chosen = probs.topk(2, dim=-1)  # top-2, raw softmax weights
+        moe = torch.zeros_like(x)
+        for t in range(seq):
+            for w, e in zip(weights[t], chosen[t]):
+                moe[t] += w * ffn(h[t:t + 1], layer["wi0"][e], layer["wi1"][e], layer["wo"][e])[0]
+        x = x + moe
+        x = x + ffn(norm(x, layer["ln_extra"]), *layer["extra"])
+    return norm(x, p["final_norm"]) @ p["head"]
+
+
+def reference_params_from_torch_layout(t: dict) -> dict:
+    """From Colossal-AI / OrionZheng names; torch Linear weights are [out, in], so they are transposed here."""
+    def linear(name):
+        return t[name].double().T
+
+    def vec(name):
+        return t[name].double()
+
+    layers = []
+    for i in range(ARCH["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        layer = dict(ln_attn=vec(pre + "input_layernorm.weight"), ln_mlp=vec(pre + "post_attention_layernorm.weight"),
+                     **{n: linear(pre + f"self_attn.{n}_proj.weight") for n in "qkvo"})
+        dense = "mlp." if i % 2 == 0 else "extra_mlp."
+        layer["mlp" if i % 2 == 0 else "extra"] = [linear(pre + dense + f"{n}_proj.weight")
+                                                  for n in ("gate", "up", "down")]
+        if i % 2 == 1:
+            layer.update(router=linear(pre + "mlp.gate_weight"), ln_extra=vec(pre + "pre_extra_mlp_layernorm.weight"),
+                         wi0=vec(pre + "mlp.experts.wi_gate"), wi1=vec(pre + "mlp.experts.wi_up"),
+                         wo=vec(pre + "mlp.experts.wo"))
+        layers.append(layer)
+    return dict(embed=vec("model.embed_tokens.weight"), layers=layers, final_norm=vec("model.norm.weight"),
+                head=linear("lm_head.weight"))
+
+
+def reference_params_from_t5x(t: dict) -> dict:
+    """From T5X paths; flax kernels are already [in, out]."""
+    def get(name):
+        return t[name].double()
+
+    layers = []
+    for i in range(ARCH["num_hidden_layers"]):
+        pre = f"decoder/layers_{i}/"
+        layer = dict(ln_attn=get(pre + "pre_self_attention_layer_norm/scale"),
+                     ln_mlp=get(pre + "pre_mlp_layer_norm/scale"),
+                     **{n: get(pre + f"self_attention/{name}/kernel")
+                        for n, name in zip("qkvo", ("query", "key", "value", "out"))})
+        dense = "mlp/" if i % 2 == 0 else "extra_mlp/"
+        layer["mlp" if i % 2 == 0 else "extra"] = [get(pre + dense + f"{n}/kernel") for n in ("wi_0", "wi_1", "wo")]
+        if i % 2 == 1:
+            layer.update(router=get(pre + "mlp/router/router_weights/w/kernel"),
+                         ln_extra=get(pre + "pre_extra_mlp_layer_norm/scale"),
+                         wi0=get(pre + "mlp/expert/wi_0/kernel"), wi1=get(pre + "mlp/expert/wi_1/kernel"),
+                         wo=get(pre + "mlp/expert/wo/kernel"))
+        layers.append(layer)
+    return dict(embed=get("token_embedder/embedding"), layers=layers, final_norm=get("decoder/decoder_norm/scale"),
+                head=get("decoder/logits_dense/kernel"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthetic checkpoints
+
+
+def random_tensors(shapes: dict) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    out = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:  # norm scales near 1
+            out[name] = 1 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            out[name] = 0.3 * torch.randn(shape, generator=gen)
+    return out
+
+
+def released_torch_tensors() -> dict:
+    """Tensors named and shaped as the Colossal-AI OpenMoeForCausalLM saves them."""
+    h, i, e, v = ARCH["hidden_size"], ARCH["intermediate_size"], ARCH["num_experts"], ARCH["vocab_size"]
+    inner = ARCH["num_attention_heads"] * ARCH["head_dim"]
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(ARCH["num_hidden_layers"]):
+        pre = f"model.layers.{layer}."
+        shapes |= {pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
+                   pre + "self_attn.q_proj.weight": (inner, h), pre + "self_attn.k_proj.weight": (inner, h),
+                   pre + "self_attn.v_proj.weight": (inner, h), pre + "self_attn.o_proj.weight": (h, inner)}
+        dense = pre + ("mlp." if layer % 2 == 0 else "extra_mlp.")
+        shapes |= {dense + "gate_proj.weight": (2 * i, h), dense + "up_proj.weight": (i, h),
+                   dense + "down_proj.weight": (h, i)}
+        if layer % 2 == 1:
+            shapes |= {pre + "mlp.gate_weight": (e, h), pre + "mlp.experts.wi_gate": (e, h, 2 * i),
+                       pre + "mlp.experts.wi_up": (e, h, i), pre + "mlp.experts.wo": (e, i, h),
+                       pre + "pre_extra_mlp_layernorm.weight": (h,)}
+    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    return random_tensors(shapes)
+
+
+def t5x_tensors() -> dict:
+    h, i, e, v = ARCH["hidden_size"], ARCH["intermediate_size"], ARCH["num_experts"], ARCH["vocab_size"]
+    inner = ARCH["num_attention_heads"] * ARCH["head_dim"]
+    shapes = {"token_embedder/embedding": (v, h)}
+    for layer in range(ARCH["num_hidden_layers"]):
+        pre = f"decoder/layers_{layer}/"
+        shapes |= {pre + "pre_self_attention_layer_norm/scale": (h,), pre + "pre_mlp_layer_norm/scale": (h,),
+                   pre + "self_attention/query/kernel": (h, inner), pre + "self_attention/key/kernel": (h, inner),
+                   pre + "self_attention/value/kernel": (h, inner), pre + "self_attention/out/kernel": (inner, h)}
+        dense = pre + ("mlp/" if layer % 2 == 0 else "extra_mlp/")
+        shapes |= {dense + "wi_0/kernel": (h, 2 * i), dense + "wi_1/kernel": (h, i), dense + "wo/kernel": (i, h)}
+        if layer % 2 == 1:
+            shapes |= {pre + "mlp/router/router_weights/w/kernel": (h, e),
+                       pre + "mlp/expert/wi_0/kernel": (e, h, 2 * i), pre + "mlp/expert/wi_1/kernel": (e, h, i),
+                       pre + "mlp/expert/wo/kernel": (e, i, h), pre + "pre_extra_mlp_layer_norm/scale": (h,)}
+    shapes |= {"decoder/decoder_norm/scale": (h,), "decoder/logits_dense/kernel": (h, v)}
+    return random_tensors(shapes)
+
+
+def write_shards(directory, tensors: dict, fmt: str) -> None:
+    """Two shards plus an index, the way save_pretrained shards (.bin: transformers <= 4.34's default)."""
+    names = sorted(tensors)
+    shards = [names[:len(names) // 2], names[len(names) // 2:]]
+    stem, ext = ("pytorch_model", "bin") if fmt == "bin" else ("model", "safetensors")
+    weight_map = {}
+    for n, shard in enumerate(shards, 1):
+        file = f"{stem}-{n:05d}-of-00002.{ext}"
+        part = {name: tensors[name].contiguous() for name in shard}
+        if fmt == "bin":
+            torch.save(part, directory / file)
+        else:
+            save_file(part, directory / file, metadata={"format": "pt"})
+        weight_map |= {name: file for name in shard}
+    (directory / f"{stem}.{ext}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def colossal_config() -> dict:
+    # The Colossal-AI example's spelling (openmoe_8b_config.json): no model_type, topk, capacity_factor_*, gated.
+    return dict(architectures=["OpenMoeForCausalLM"], dropout_rate=0.0, layer_norm_epsilon=1e-6,
+                hidden_act="swiglu", topk=2, capacity_factor_train=1.25, capacity_factor_eval=2.0, min_capacity=4,
+                noisy_policy=None, drop_tks=True, expert_parallel=None, gated=True, **ARCH)
+
+
+def orion_config() -> dict:
+    # The fork / OrionZheng spelling (openmoe_34b_config.json at fb8c5ec40).
+    return dict(architectures=["OpenMoeForCausalLM"],
+                auto_map={"AutoModelForCausalLM": "modeling_openmoe.OpenMoeForCausalLM"}, model_type="llama",
+                attention_bias=False, bos_token_id=0, eos_token_id=1, pad_token_id=0, hidden_act="swiglu",
+                max_position_embeddings=2048, mlp_gated=True, num_key_value_heads=ARCH["num_attention_heads"],
+                pretraining_tp=1, rms_norm_eps=1e-6, rope_scaling=None, rope_theta=10000.0, router_topk=2,
+                router_capacity_factor_train=1.25, router_capacity_factor_eval=2.0, router_min_capacity=4,
+                router_noisy_policy=None, router_drop_tks=True, router_aux_loss_factor=0.01,
+                router_z_loss_factor=0.0001, z_loss_factor=0.01, label_smoothing=0.001, tie_word_embeddings=False,
+                torch_dtype="float32", use_cache=True, enable_kernel=False, **ARCH)
+
+
+def write_released(directory, layout: str, tensors: dict):
+    directory.mkdir()
+    config = colossal_config() if layout == "colossal" else orion_config()
+    (directory / "config.json").write_text(json.dumps(config))
+    write_shards(directory, tensors, "bin" if layout == "colossal" else "safetensors")
+    return directory
+
+
+def write_t5x(directory, tensors: dict):
+    directory.mkdir()
+    np.savez(directory / "params.npz", **{"target/" + name: t.numpy() for name, t in tensors.items()})
+    return directory
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([TOKENS])).logits[0].double()
+
+
+def assert_nothing_written(tmp_path, dst):
+    assert not dst.exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{dst.name}")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Each layout converts to the same function
+
+
+@pytest.mark.parametrize("layout", ["colossal", "orion"])
+def test_released_pytorch_layouts_convert_to_matching_logits(tmp_path, layout):
+    tensors = released_torch_tensors()
+    src = write_released(tmp_path / "src", layout, tensors)
+    (src / "spiece.model").write_bytes(b"umt5 sentencepiece")
+    assert detect_layout(src) == layout
+    dst = convert_checkpoint(src, tmp_path / "dst")
+    assert (dst / "spiece.model").read_bytes() == b"umt5 sentencepiece"  # the tokenizer travels with the weights
+
+    model = AutoModelForCausalLM.from_pretrained(dst)
+    expected = reference_logits(reference_params_from_torch_layout(tensors), TOKENS)
+    torch.testing.assert_close(logits_of(model), expected, rtol=1e-4, atol=1e-4)
+    cfg = model.config
+    assert (cfg.model_type, cfg.num_experts, cfg.moe_layer_interval, cfg.head_dim) == ("openmoe", 4, 2, 12)
+    assert (cfg.router_topk, cfg.capacity_factor_train, cfg.capacity_factor_eval, cfg.min_capacity) == (2, 1.25, 2.0, 4)
+    assert (cfg.dispatch, cfg.router_noise, cfg.rms_norm_eps, cfg.rope_theta) == ("capacity", "none", 1e-6, 1e4)
+    assert (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) == (0, 0, 1)
+
+
+def test_t5x_converts_to_matching_logits_in_shards(tmp_path):
+    tensors = t5x_tensors()
+    src = write_t5x(tmp_path / "src", tensors)
+    assert detect_layout(src) == "t5x"
+    dst = convert_checkpoint(src, tmp_path / "dst", t5x_config=OpenMoeConfig(**ARCH), max_shard_size="20KB")
+
+    assert (dst / "model.safetensors.index.json").is_file()
+    model = load_pretrained_strict(dst)
+    expected = reference_logits(reference_params_from_t5x(tensors), TOKENS)
+    torch.testing.assert_close(logits_of(model), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dtype_is_converted_exactly(tmp_path):
+    tensors = released_torch_tensors()
+    dst = convert_checkpoint(write_released(tmp_path / "src", "orion", tensors), tmp_path / "dst", dtype="bfloat16")
+    state = load_file(dst / "model.safetensors")
+    assert set(state) == set(tensors)
+    assert all(torch.equal(state[name], tensor.to(torch.bfloat16)) for name, tensor in tensors.items())
+    assert load_pretrained_strict(dst).dtype == torch.bfloat16
+
+
+def test_bfloat16_npz_arrays_read_as_bfloat16(tmp_path):
+    # JAX's bfloat16 has no numpy dtype: np.savez stores it as 2-byte raw values.
+    values = torch.randn(3, 5).to(torch.bfloat16)
+    tmp_path.joinpath("t5x").mkdir()
+    np.savez(tmp_path / "t5x" / "p.npz", w=values.view(torch.int16).numpy().view("V2"))
+    read = read_t5x_npz(tmp_path / "t5x")["w"]
+    assert read.dtype == torch.bfloat16 and torch.equal(read, values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing is skipped silently, and nothing partial is written
+
+
+def test_missing_tensor_is_named_and_nothing_is_written(tmp_path):
+    tensors = released_torch_tensors()
+    del tensors["model.layers.1.mlp.experts.wo"]
+    src, dst = write_released(tmp_path / "src", "colossal", tensors), tmp_path / "dst"
+    with pytest.raises(CheckpointError, match=r"1 missing: model\.layers\.1\.mlp\.experts\.wo"):
+        convert_checkpoint(src, dst)
+    assert_nothing_written(tmp_path, dst)
+
+
+def test_missing_t5x_tensor_is_named_by_its_t5x_path(tmp_path):
+    tensors = t5x_tensors()
+    del tensors["decoder/layers_1/mlp/expert/wo/kernel"]
+    src, dst = write_t5x(tmp_path / "src", tensors), tmp_path / "dst"
+    with pytest.raises(CheckpointError, match="missing: decoder/layers_1/mlp/expert/wo/kernel"):
+        convert_checkpoint(src, dst, t5x_config=OpenMoeConfig(**ARCH))
+    assert_nothing_written(tmp_path, dst)
+
+
+def test_unexpected_tensor_is_an_error(tmp_path):
+    # E.g. a rotary table saved as a persistent buffer: we recompute it, but never drop a tensor unannounced.
+    tensors = released_torch_tensors() | {"model.layers.0.self_attn.sin": torch.zeros(2048, 12)}
+    src, dst = write_released(tmp_path / "src", "orion", tensors), tmp_path / "dst"
+    with pytest.raises(CheckpointError, match=r"1 unexpected: model\.layers\.0\.self_attn\.sin"):
+        convert_checkpoint(src, dst)
+    assert_nothing_written(tmp_path, dst)
+
+
+def test_wrong_shapes_are_errors(tmp_path):
+    tensors = released_torch_tensors()
+    tensors["model.layers.1.mlp.experts.wi_up"] = tensors["model.layers.1.mlp.experts.wi_up"].transpose(1, 2)
+    with pytest.raises(CheckpointError, match=r"wrong shape: model\.layers\.1\.mlp\.experts\.wi_up \(4, 24, 16\)"):
+        convert_checkpoint(write_released(tmp_path / "src", "colossal", tensors), tmp_path / "dst")
+    t5x = t5x_tensors()
+    t5x["decoder/layers_0/self_attention/query/kernel"] = t5x["decoder/layers_0/self_attention/query/kernel"].T
+    with pytest.raises(CheckpointError, match=r"query/kernel \(24, 16\), expected \(16, 24\)"):
+        convert_checkpoint(write_t5x(tmp_path / "t5x", t5x), tmp_path / "dst", t5x_config=OpenMoeConfig(**ARCH))
+    assert_nothing_written(tmp_path, tmp_path / "dst")
+
+
+def test_inconsistent_shard_index_is_an_error(tmp_path):
+    src = write_released(tmp_path / "src", "orion", released_torch_tensors())
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.layers.0.mlp.ghost.weight"] = "model-00001-of-00002.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="index lists tensors no shard holds: model.layers.0.mlp.ghost"):
+        convert_checkpoint(src, tmp_path / "dst")
+    (src / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="shard files that do not exist: model-00002-of-00002.safetensors"):
+        convert_checkpoint(src, tmp_path / "dst")
+    assert_nothing_written(tmp_path, tmp_path / "dst")
+
+
+def test_existing_destination_is_replaced_only_with_overwrite(tmp_path):
+    src = write_released(tmp_path / "src", "orion", released_torch_tensors())
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert_checkpoint(src, dst)
+    assert (dst / "old.txt").is_file()
+    convert_checkpoint(src, dst, overwrite=True)
+    assert not (dst / "old.txt").exists() and (dst / "model.safetensors").is_file()
+
+
+def test_unsupported_released_configs_are_refused():
+    with pytest.raises(CheckpointError, match="num_key_value_heads=1"):
+        config_from_released(orion_config() | {"num_key_value_heads": 1}, "config.json")
+    with pytest.raises(CheckpointError, match="lacks required OpenMoE fields: num_experts"):
+        config_from_released({k: v for k, v in colossal_config().items() if k != "num_experts"}, "config.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strict loading of our own format
+
+
+def test_load_pretrained_strict_refuses_what_from_pretrained_lets_through(tmp_path):
+    src = write_released(tmp_path / "src", "orion", released_torch_tensors())
+    dst = convert_checkpoint(src, tmp_path / "dst")
+    state = load_file(dst / "model.safetensors")
+    del state["model.layers.1.mlp.experts.wo"]
+    save_file(state | {"model.layers.1.mlp.stray": torch.zeros(1)}, dst / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"1 missing: model\.layers\.1\.mlp\.experts\.wo; "
+                                              r"1 unexpected: model\.layers\.1\.mlp\.stray"):
+        load_pretrained_strict(dst)
+
+    sharded = convert_checkpoint(src, tmp_path / "sharded", max_shard_size="20KB")
+    (sharded / "model-00002-of-00004.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="shard files that do not exist: model-00002-of-00004.safetensors"):
+        load_pretrained_strict(sharded)
+
+
+def test_load_pretrained_strict_refuses_a_released_layout(tmp_path):
+    src = write_released(tmp_path / "src", "colossal", released_torch_tensors())
+    with pytest.raises(CheckpointError, match="colossal checkpoint, not ours: convert it first"):
+        load_pretrained_strict(src)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_converts_t5x_with_a_config_file_and_reports_errors(tmp_path, capsys):
+    tensors = t5x_tensors()
+    src = write_t5x(tmp_path / "src", tensors)
+    OpenMoeConfig(**ARCH).save_pretrained(tmp_path / "arch")
+    assert main([str(src), str(tmp_path / "dst"), "--config", str(tmp_path / "arch" / "config.json")]) == 0
+    model = load_pretrained_strict(tmp_path / "dst")
+    expected = reference_logits(reference_params_from_t5x(tensors), TOKENS)
+    torch.testing.assert_close(logits_of(model), expected, rtol=1e-4, atol=1e-4)
+
+    # The tiny parameters are not a base model: exit status 2, one message, and no output directory.
+    capsys.readouterr()
+    assert main([str(src), str(tmp_path / "base"), "--preset", "base"]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: T5X checkpoint") and "wrong shape: token_embedder/embedding" in message
+    assert_nothing_written(tmp_path, tmp_path / "base")
+
+
+def test_load_any_checkpoint_converts_a_released_layout_on_the_fly(tmp_path):
+    tensors = released_torch_tensors()
+    src = write_released(tmp_path / "src", "colossal", tensors)
+    model = load_any_checkpoint(src)
+    expected = reference_logits(reference_params_from_torch_layout(tensors), TOKENS)
+    torch.testing.assert_close(logits_of(model), expected, rtol=1e-4, atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
