@@ -29,8 +29,9 @@ class OpenMoeSparseMLP(nn.Module):
         self.gate_weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.intermediate_size)
         # Detached statistics of the last forward, for logging and load balancing; never read on the hot path.
-        self.register_buffer("last_counts", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
-        self.register_buffer("last_dropped", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
+        # Plain attributes rather than buffers, so no checkpoint writer can mistake them for weights.
+        self.last_counts = torch.zeros(config.num_experts, dtype=torch.long)
+        self.last_dropped = torch.zeros(config.num_experts, dtype=torch.long)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.gate_weight, std=math.sqrt(self.init_scale / self.gate_weight.shape[1]))
@@ -57,6 +58,6 @@ class OpenMoeSparseMLP(nn.Module):
         rows = self.run_experts(plan.permute(x), plan, cap)
         weights = routing.weights * plan.kept(cap)
         out = plan.combine(rows, weights).to(hidden_states.dtype)
-        self.last_counts.copy_(routing.counts.detach())
-        self.last_dropped.copy_(plan.dropped(cap).detach())
+        self.last_counts = routing.counts.detach()
+        self.last_dropped = plan.dropped(cap).detach()
         return out.view(shape), routing.aux_loss, routing.z_loss

@@ -16,10 +16,11 @@ from tqdm import tqdm
 
 from ..data import build_dataset, load_records, load_tokenizer
 from ..model import OpenMoeConfig, OpenMoeForCausalLM
+from ..model.convert import checkpoint_config, load_any_checkpoint
 from ..parallel.plugin import build_plugin, init_distributed
 from .evaluate import evaluate_loss, exact_match
 from .flops import param_counts, train_flops_per_token
-from .metrics import MetricsLogger, expert_load_stats, format_load
+from .metrics import ExpertLoadMeter, MetricsLogger, format_load
 from .schedule import build_scheduler
 from .step import forward_backward
 
@@ -33,7 +34,7 @@ def build_model_config(args) -> OpenMoeConfig:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.load_checkpoint:
-        config = OpenMoeConfig.from_pretrained(args.load_checkpoint)
+        config = checkpoint_config(args.load_checkpoint)  # ours, or a released Colossal/remote-code/T5X layout
         for key, value in overrides.items():
             setattr(config, key, value)
         return config
@@ -44,12 +45,8 @@ def build_model(args, config: OpenMoeConfig) -> OpenMoeForCausalLM:
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     if not args.load_checkpoint:
         return OpenMoeForCausalLM(config)
-    model, info = OpenMoeForCausalLM.from_pretrained(args.load_checkpoint, config=config, output_loading_info=True)
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if problems:
-        # The reference loaded with strict=False and trained uninitialised experts into NaNs; we refuse instead.
-        raise ValueError(f"checkpoint {args.load_checkpoint} does not match the model: {problems}")
-    return model
+    # Strict: the reference loaded with strict=False and trained uninitialised experts into NaNs.
+    return load_any_checkpoint(args.load_checkpoint, config=config)
 
 
 def decay_groups(model, weight_decay: float) -> list[dict]:
@@ -91,7 +88,7 @@ def train(args) -> dict:
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.warmup_steps, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader,
                                                                lr_scheduler=scheduler)
-    moe_layers = model.unwrap().moe_layers()
+    load_meter = ExpertLoadMeter(model.unwrap().moe_layers())
 
     logger = MetricsLogger(args.output_path, enabled=is_main)
     if is_main:
@@ -114,6 +111,7 @@ def train(args) -> dict:
         dataloader.sampler.set_epoch(epoch)  # the reference never called it: same order every epoch
         for batch in dataloader:
             parts = forward_backward(booster, model, optimizer, batch, plugin.dp_group, device)
+            load_meter.update()
             optimizer.step()
             optimizer.zero_grad()
             scheduler.step()
@@ -128,12 +126,14 @@ def train(args) -> dict:
             if step % args.log_interval == 0 or step == total_steps:
                 record = {"train/lm_loss": loss, "train/aux_loss": parts["aux_loss"], "lr": scheduler.get_last_lr()[0],
                           "train/router_z_loss": parts["router_z_loss"], "perf/target_tokens_per_s": tokens_per_s,
-                          **expert_load_stats(moe_layers)}
+                          **load_meter.stats()}
                 if peak:
                     row_tokens = args.batch_size * layout.dp_size * args.max_length * step
                     rate = row_tokens / (time.perf_counter() - run_start)
                     record["perf/mfu"] = rate * flops_per_token / (peak * 1e12 * layout.world)
                 logger.log(step, record)
+                last_load = load_meter.stats()
+                load_meter.reset()
                 window_tokens, window_start = 0.0, time.perf_counter()
             if args.eval_interval and step % args.eval_interval == 0 and eval_records:
                 logger.log(step, run_eval(model, tokenizer, eval_records, args, device))
@@ -147,7 +147,7 @@ def train(args) -> dict:
         summary.update(run_eval(model, tokenizer, eval_records, args, device))
         logger.log(step, summary)
     if is_main:
-        print(format_load(expert_load_stats(moe_layers)))
+        print(f"expert load over the last {args.log_interval} steps:\n" + format_load(last_load))
     final_dir = os.path.join(args.output_path, "final")
     save_model(booster, model, tokenizer, final_dir)
     if is_main:

@@ -10,17 +10,34 @@ import os
 import torch
 
 
-def expert_load_stats(moe_layers) -> dict:
-    """Per-layer expert shares, imbalance (max/mean) and dropped fraction from the layers' last forward."""
-    stats = {}
-    for i, layer in enumerate(moe_layers):
-        counts = layer.last_counts.double()
-        total = counts.sum().clamp(min=1)
-        stats[f"moe/layer{i}/imbalance"] = (counts.max() / counts.mean().clamp(min=1e-9)).item()
-        stats[f"moe/layer{i}/dropped_frac"] = (layer.last_dropped.double().sum() / total).item()
-        for e, share in enumerate((counts / total).tolist()):
-            stats[f"moe/layer{i}/expert{e}"] = share
-    return stats
+class ExpertLoadMeter:
+    """Accumulates each MoE layer's routed and dropped token counts over the steps between two log records."""
+
+    def __init__(self, moe_layers):
+        self.layers = moe_layers
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = [torch.zeros(l.num_experts, dtype=torch.float64) for l in self.layers]
+        self.dropped = [torch.zeros(l.num_experts, dtype=torch.float64) for l in self.layers]
+
+    def update(self) -> None:
+        """Reads the layers' last-forward statistics; call once after every training forward."""
+        for i, layer in enumerate(self.layers):  # accumulates on the layer's device: no host sync per step
+            self.counts[i] = self.counts[i].to(layer.last_counts.device) + layer.last_counts
+            self.dropped[i] = self.dropped[i].to(layer.last_dropped.device) + layer.last_dropped
+
+    def stats(self) -> dict:
+        """Per-layer expert shares, imbalance (max/mean) and dropped fraction of the routed copies."""
+        stats = {}
+        for i, (counts, dropped) in enumerate(zip(self.counts, self.dropped)):
+            counts, dropped = counts.cpu(), dropped.cpu()
+            total = counts.sum().clamp(min=1)
+            stats[f"moe/layer{i}/imbalance"] = (counts.max() / counts.mean().clamp(min=1e-9)).item()
+            stats[f"moe/layer{i}/dropped_frac"] = (dropped.sum() / total).item()
+            for e, share in enumerate((counts / total).tolist()):
+                stats[f"moe/layer{i}/expert{e}"] = share
+        return stats
 
 
 def format_load(stats: dict) -> str:
