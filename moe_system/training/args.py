@@ -11,7 +11,7 @@ from ..model.config import DISPATCH_MODES, PRESETS, ROUTER_NOISE
 
 PRESET_DEFAULTS = {
     # tiny: the embedded demo, sized to learn the bundled tasks in a few minutes on 2 CPU cores.
-    "tiny": dict(lr=3e-3, batch_size=32, max_length=64, num_epoch=4, warmup_steps=30, lr_scheduler="cosine"),
+    "tiny": dict(lr=3e-3, batch_size=64, max_length=32, num_epoch=4, warmup_steps=30, lr_scheduler="cosine"),
     # released sizes: the reference finetuning recipe (train.sh: lr 1e-5, batch 1 per rank, length 2048).
     "base": dict(lr=1e-5, batch_size=1, max_length=2048, num_epoch=1, warmup_steps=0, lr_scheduler="constant"),
     "8b": dict(lr=1e-5, batch_size=1, max_length=2048, num_epoch=1, warmup_steps=0, lr_scheduler="constant"),

@@ -151,6 +151,8 @@ def train(args) -> dict:
     final_dir = os.path.join(args.output_path, "final")
     save_model(booster, model, tokenizer, final_dir)
     if is_main:
+        with open(os.path.join(args.output_path, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
         print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
               + f"; model saved to {final_dir}")
     logger.close()

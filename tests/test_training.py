@@ -1,0 +1,42 @@
+import math
+
+import pytest
+
+from moe_system.model import OpenMoeConfig
+from moe_system.training.args import parse_args
+from moe_system.training.flops import train_flops_per_token
+from moe_system.training.schedule import lr_multiplier
+
+
+@pytest.mark.parametrize("flag", ["--load_balance", "--comm_overlap", "--hierarchical_alltoall"])
+def test_features_not_landed_are_refused_not_ignored(flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args([flag])
+    assert exc.value.code == 2
+    assert "not yet available" in capsys.readouterr().err
+
+
+def test_preset_defaults_fill_only_what_was_not_given():
+    args = parse_args(["--model_name", "8b", "--lr", "2e-5"])
+    assert args.lr == 2e-5 and args.max_length == 2048 and args.batch_size == 1
+    assert args.output_path == "outputs/openmoe-8b"
+    assert parse_args([]).model_name == "tiny"
+
+
+def test_lr_schedules():
+    assert lr_multiplier("constant", 5, 10, 100) == pytest.approx(0.6)   # linear warmup
+    assert lr_multiplier("cosine", 10, 10, 100) == pytest.approx(1.0)
+    assert lr_multiplier("cosine", 100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+    # inverse square root: continuous at the end of warmup, then 1/sqrt(step)
+    assert lr_multiplier("inverse_sqrt", 9, 10, 10**6) == pytest.approx(1.0)
+    assert lr_multiplier("inverse_sqrt", 39, 10, 10**6) == pytest.approx(math.sqrt(10 / 40))
+
+
+def test_flops_per_token_matches_the_published_estimate():
+    # performance.md: OpenMoE-base costs about 2.0-2.3 GFLOP per token forward+backward at sequence 2048,
+    # with the LM head ~59% of it.
+    cfg = OpenMoeConfig.from_preset("base")
+    flops = train_flops_per_token(cfg, 2048)
+    assert 2.0e9 < flops < 2.3e9
+    head = 6 * cfg.vocab_size * cfg.hidden_size
+    assert 0.5 < head / flops < 0.62
