@@ -123,7 +123,7 @@ def train(args) -> dict:
             tokens_per_s = window_tokens / max(elapsed, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", aux=f"{parts['aux_loss'].item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
-            if step % args.log_interval == 0 or step == total_steps:
+            if step % args.log_interval == 0 or step in (1, total_steps):
                 record = {"train/lm_loss": loss, "train/aux_loss": parts["aux_loss"], "lr": scheduler.get_last_lr()[0],
                           "train/router_z_loss": parts["router_z_loss"], "perf/target_tokens_per_s": tokens_per_s,
                           **load_meter.stats()}
