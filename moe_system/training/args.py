@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_scheduler", default=None, choices=["constant", "cosine", "inverse_sqrt"])
     g.add_argument("--warmup_steps", type=int, default=None)
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip to this global norm; 0 disables")
+    g.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max_nonfinite_steps", type=int, default=5,
+                   help="stop after this many consecutive steps with a non-finite loss (each one is skipped)")
     g.add_argument("--router_aux_loss_factor", type=float, default=0.01, help="load-balancing loss factor")
     g.add_argument("--router_z_loss_factor", type=float, default=1e-4, help="router z-loss factor")
     g.add_argument("--z_loss_factor", type=float, default=1e-4, help="output-logit z-loss factor")
@@ -82,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output")
     g.add_argument("--output_path", default=None, help="default: outputs/openmoe-<model_name>")
-    g.add_argument("--save_interval", type=int, default=1000, help="steps between checkpoints")
+    g.add_argument("--save_interval", type=int, default=1000, help="steps between full-state checkpoints")
+    g.add_argument("--save_total_limit", type=int, default=3, help="checkpoints kept (oldest removed); 0 keeps all")
+    g.add_argument("--resume", default=None, help="'latest' (newest checkpoint in --output_path) or a checkpoint dir")
     g.add_argument("--log_interval", type=int, default=10, help="steps between metric records")
     g.add_argument("--eval_interval", type=int, default=0, help="steps between evaluations (0: at the end only)")
     g.add_argument("--eval_samples", type=int, default=200, help="held-out examples used for exact match")
@@ -102,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.output_path is None:
         args.output_path = f"outputs/openmoe-{args.model_name}"
-    for name in ("batch_size", "max_length", "num_epoch"):
+    for name in ("batch_size", "max_length", "num_epoch", "grad_accum_steps", "save_interval"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args

@@ -1,4 +1,4 @@
-"""The training run: data, model, booster, the step loop, evaluation and the final Hugging Face checkpoint.
+"""The training run: data, model, booster, the step loop, evaluation, checkpoints and the final model.
 
 Parallelism enters only through `build_plugin` (moe_system.parallel): the loop is the same for one CPU process
 and for expert-parallel runs across nodes.
@@ -18,13 +18,19 @@ from ..data import build_dataset, load_records, load_tokenizer
 from ..model import OpenMoeConfig, OpenMoeForCausalLM
 from ..model.convert import checkpoint_config, load_any_checkpoint
 from ..parallel.plugin import build_plugin, init_distributed
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_model
 from .evaluate import evaluate_loss, exact_match
 from .flops import param_counts, train_flops_per_token
 from .metrics import ExpertLoadMeter, MetricsLogger, format_load
+from .sampler import ResumableDistributedSampler
 from .schedule import build_scheduler
 from .step import forward_backward
 
 H100_BF16_PEAK_TFLOPS = 989.0
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
 
 
 def build_model_config(args) -> OpenMoeConfig:
@@ -57,12 +63,23 @@ def decay_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def micro_batch_groups(dataloader, size: int):
+    """Consecutive groups of `size` batches: one group per optimizer step (a trailing partial group is dropped)."""
+    group = []
+    for batch in dataloader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
 def train(args) -> dict:
     init_distributed(args.seed)
     plugin, layout = build_plugin(args)
     booster = Booster(plugin=plugin)
     is_main = dist.get_rank() == 0
     device = get_accelerator().get_current_device()
+    resume_from = resolve_resume(args.resume, args.output_path) if args.resume else None
 
     config = build_model_config(args)
     tokenizer = load_tokenizer(args.tokenizer, vocab_size=config.vocab_size)
@@ -76,11 +93,12 @@ def train(args) -> dict:
         model.model.gradient_checkpointing = True
     counts = param_counts(config)
     dataloader = plugin.prepare_dataloader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                           seed=args.seed)
-    steps_per_epoch = len(dataloader)
+                                           seed=args.seed, distributed_sampler_cls=ResumableDistributedSampler)
+    steps_per_epoch = len(dataloader) // args.grad_accum_steps
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} training rows are fewer than one global batch of "
-                         f"{args.batch_size} x {layout.dp_size} data-parallel ranks; lower --batch_size")
+        raise ValueError(f"{len(dataset)} training rows are fewer than one global batch of {args.batch_size} x "
+                         f"{args.grad_accum_steps} accumulation x {layout.dp_size} data-parallel ranks; "
+                         f"lower --batch_size or --grad_accum_steps")
     total_steps = steps_per_epoch * args.num_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -90,6 +108,11 @@ def train(args) -> dict:
                                                                lr_scheduler=scheduler)
     load_meter = ExpertLoadMeter(model.unwrap().moe_layers())
 
+    step, skipped = 0, 0
+    if resume_from:
+        state = load_checkpoint(booster, model, optimizer, scheduler, resume_from)
+        step, skipped = state["step"], state["skipped_steps"]
+
     logger = MetricsLogger(args.output_path, enabled=is_main)
     if is_main:
         os.makedirs(args.output_path, exist_ok=True)
@@ -97,60 +120,87 @@ def train(args) -> dict:
             json.dump(vars(args), f, indent=2)
         print(f"OpenMoE-{args.model_name}: {counts['total'] / 1e6:.2f}M parameters, "
               f"{counts['active_blocks'] / 1e6:.2f}M active per token in the blocks; {layout.describe()}; "
-              f"{len(dataset)} rows x {args.max_length} tokens, {total_steps} steps")
+              f"{len(dataset)} rows x {args.max_length} tokens, {total_steps} steps"
+              + (f"; resumed at step {step} from {resume_from}" if resume_from else ""))
     flops_per_token = train_flops_per_token(config, args.max_length)
     peak = args.peak_tflops or (H100_BF16_PEAK_TFLOPS if torch.cuda.is_available() else None)
+    tokens_per_step = args.batch_size * args.grad_accum_steps * layout.dp_size * args.max_length
 
-    step, history = 0, []
-    bar = tqdm(total=total_steps, desc="train", disable=not is_main, dynamic_ncols=True)
-    model.train()
-    window_tokens, window_start = 0.0, time.perf_counter()
+    def checkpoint():
+        state = {"step": step, "skipped_steps": skipped, "epoch": step // steps_per_epoch,
+                 "args": vars(args), "layout": layout.describe()}
+        save_checkpoint(booster, model, optimizer, scheduler, tokenizer, args.output_path, state,
+                        args.save_total_limit or None)
+
     run_start = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not is_main, dynamic_ncols=True)
+    model.train()
+    window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
+    consecutive_bad, history, last_load = 0, [], {}
     while step < total_steps:
-        epoch = step // steps_per_epoch
-        dataloader.sampler.set_epoch(epoch)  # the reference never called it: same order every epoch
-        for batch in dataloader:
-            parts = forward_backward(booster, model, optimizer, batch, plugin.dp_group, device)
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        # The reference never called set_epoch (same order every epoch); a resumed run restarts mid-epoch.
+        dataloader.sampler.set_epoch(epoch, done_in_epoch * args.grad_accum_steps * args.batch_size)
+        for micro_batches in micro_batch_groups(dataloader, args.grad_accum_steps):
+            parts = forward_backward(booster, model, optimizer, micro_batches, plugin.dp_group, device)
+            loss = parts["lm_loss"].item()  # identical on every rank, so every rank takes the same branch
+            if not torch.isfinite(parts["lm_loss"] + parts["aux_loss"] + parts["router_z_loss"]):
+                optimizer.zero_grad()
+                skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
+                logger.log(step, {"train/skipped_nonfinite": skipped})
+                bar.write(f"step {step + 1}: non-finite loss, update skipped ({consecutive_bad} in a row)")
+                if consecutive_bad >= args.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{consecutive_bad} consecutive steps had a non-finite loss (last at step {step + 1}); "
+                        f"stopping. The last good checkpoint in {args.output_path} is untouched: lower --lr, "
+                        f"raise --warmup_steps or use --precision bf16/fp32, then --resume latest")
+                continue
+            consecutive_bad = 0
             load_meter.update()
             optimizer.step()
             optimizer.zero_grad()
             scheduler.step()
             step += 1
+            window_steps += 1
             window_tokens += parts["tokens"].item()
-            loss = parts["lm_loss"].item()
             history.append(loss)
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / max(elapsed, 1e-9)
+            tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", aux=f"{parts['aux_loss'].item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
             if step % args.log_interval == 0 or step in (1, total_steps):
-                record = {"train/lm_loss": loss, "train/aux_loss": parts["aux_loss"], "lr": scheduler.get_last_lr()[0],
-                          "train/router_z_loss": parts["router_z_loss"], "perf/target_tokens_per_s": tokens_per_s,
+                elapsed = time.perf_counter() - window_start
+                record = {"train/lm_loss": loss, "train/aux_loss": parts["aux_loss"],
+                          "train/router_z_loss": parts["router_z_loss"], "lr": scheduler.get_last_lr()[0],
+                          "perf/target_tokens_per_s": tokens_per_s,
+                          "perf/tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
                           **load_meter.stats()}
                 if peak:
-                    row_tokens = args.batch_size * layout.dp_size * args.max_length * step
-                    rate = row_tokens / (time.perf_counter() - run_start)
-                    record["perf/mfu"] = rate * flops_per_token / (peak * 1e12 * layout.world)
+                    record["perf/mfu"] = record["perf/tokens_per_s"] * flops_per_token / (peak * 1e12 * layout.world)
+                if torch.cuda.is_available():
+                    record["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 logger.log(step, record)
                 last_load = load_meter.stats()
                 load_meter.reset()
-                window_tokens, window_start = 0.0, time.perf_counter()
+                window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
             if args.eval_interval and step % args.eval_interval == 0 and eval_records:
                 logger.log(step, run_eval(model, tokenizer, eval_records, args, device))
+            if step % args.save_interval == 0 and step < total_steps:
+                checkpoint()
             if step >= total_steps:
                 break
     bar.close()
-    wall = time.perf_counter() - run_start
 
-    summary = {"steps": step, "final_lm_loss": history[-1], "wall_s": wall}
+    summary = {"steps": step, "skipped_steps": skipped, "final_lm_loss": history[-1] if history else None,
+               "wall_s": time.perf_counter() - run_start}
     if eval_records:
         summary.update(run_eval(model, tokenizer, eval_records, args, device))
         logger.log(step, summary)
-    if is_main:
-        print(f"expert load over the last {args.log_interval} steps:\n" + format_load(last_load))
+    checkpoint()
     final_dir = os.path.join(args.output_path, "final")
     save_model(booster, model, tokenizer, final_dir)
     if is_main:
+        if last_load:
+            print(f"expert load over the last logged window:\n" + format_load(last_load))
         with open(os.path.join(args.output_path, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
@@ -161,18 +211,9 @@ def train(args) -> dict:
 
 def run_eval(model, tokenizer, records, args, device) -> dict:
     subset = records[:args.eval_samples]
-    rows = build_dataset(subset, tokenizer, args.max_length, mode="pad")
+    rows = build_dataset(subset, tokenizer, args.max_length, mode="pad", on_overlong="truncate")
     batches = torch.utils.data.DataLoader(rows, batch_size=64)
     result = evaluate_loss(model, batches, device)
     if all("prompt" in r for r in subset):
         result["eval/exact_match"] = exact_match(model, tokenizer, subset, device)
     return result
-
-
-def save_model(booster, model, tokenizer, path: str) -> None:
-    """A Hugging Face-format checkpoint (safetensors shards + config + tokenizer) that from_pretrained loads."""
-    booster.save_model(model, path, shard=True, use_safetensors=True)
-    if dist.get_rank() == 0:
-        model.unwrap().config.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    dist.barrier()
