@@ -111,3 +111,55 @@ def test_router_runs_in_fp32_for_bf16_inputs():
     moe = layer().to(torch.bfloat16)
     out, aux, z = moe(torch.randn(1, 16, 128, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and aux.dtype == torch.float32 and z.dtype == torch.float32
+
+
+def test_router_fp32_option_changes_only_router_precision():
+    torch.manual_seed(0)
+    x = torch.randn(64, 128, dtype=torch.bfloat16)
+    gate = (torch.randn(8, 128) * 0.5).to(torch.bfloat16)
+    fp32 = route(x, gate, 2, fp32=True)
+    ref = (x.float() @ gate.float().t()).softmax(-1)
+    torch.testing.assert_close(fp32.weights, ref.topk(2, dim=-1).values)
+    low = route(x, gate, 2, fp32=False)
+    assert low.weights.dtype == torch.float32            # softmax still in fp32
+    assert not torch.equal(low.weights, fp32.weights)    # but the bf16 matmul rounds the logits
+
+
+def test_selection_bias_changes_choice_not_weights():
+    x, gate = torch.randn(32, 16), torch.randn(8, 16)
+    bias = torch.zeros(8)
+    bias[3] = 10.0  # expert 3 is always picked
+    r = route(x, gate, 2, selection_bias=bias)
+    assert (r.expert_idx == 3).any(-1).all()
+    probs = (x @ gate.t()).softmax(-1)
+    torch.testing.assert_close(r.weights, probs.gather(-1, r.expert_idx))  # raw probabilities, bias excluded
+
+
+def test_aux_loss_free_balancing_reduces_imbalance():
+    from moe_system.moe.balancing import update_expert_bias
+    moe = layer(router_bias_update_rate=0.002).train()
+    with torch.no_grad():
+        moe.gate_weight[0] += 0.1  # a router that overloads expert 0 (max/mean load 1.75)
+    x = torch.randn(512, 128)
+    imbalance = []
+    for _ in range(80):
+        moe(x)
+        counts = moe.last_counts.float()
+        imbalance.append((counts.max() / counts.mean()).item())
+        update_expert_bias([moe], 0.002)
+    settled = sum(imbalance[-20:]) / 20  # sign updates can oscillate around balance: compare averages
+    assert imbalance[0] > 1.5 and settled < 1.2, imbalance[::8]
+    assert "mlp.expert_bias" not in OpenMoeForCausalLM_keys()  # off by default: released checkpoints unchanged
+
+
+def OpenMoeForCausalLM_keys():
+    from moe_system.model import OpenMoeForCausalLM
+    with torch.device("meta"):
+        return {k.split("layers.1.")[-1] for k in OpenMoeForCausalLM(OpenMoeConfig.from_preset("tiny")).state_dict()}
+
+
+def test_expert_init_scale():
+    for scale in (0.1, 1.0):
+        moe = layer(expert_init_scale=scale)
+        assert abs(moe.experts.wi_up.std().item() - (scale / 128) ** 0.5) < 0.05 * (scale / 128) ** 0.5
+        assert abs(moe.experts.wo.std().item() - (scale / 256) ** 0.5) < 0.05 * (scale / 256) ** 0.5

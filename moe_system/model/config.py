@@ -50,6 +50,8 @@ class OpenMoeConfig(PretrainedConfig):
         min_capacity=4,
         router_noise="none",
         router_renormalize=False,
+        router_fp32=True,
+        router_bias_update_rate=0.0,
         expert_init_scale=0.1,
         # losses (read by the model's forward; the training CLI overrides them)
         router_aux_loss_factor=0.01,
@@ -93,6 +95,8 @@ class OpenMoeConfig(PretrainedConfig):
         self.min_capacity = min_capacity
         self.router_noise = router_noise
         self.router_renormalize = router_renormalize
+        self.router_fp32 = router_fp32  # router matmul, softmax and losses in fp32 whatever the training precision
+        self.router_bias_update_rate = router_bias_update_rate  # aux-loss-free balancing step; 0 disables it
         self.expert_init_scale = expert_init_scale
         self.router_aux_loss_factor = router_aux_loss_factor
         self.router_z_loss_factor = router_z_loss_factor

@@ -26,12 +26,20 @@ class OpenMoeSparseMLP(nn.Module):
         self.router_noise = config.router_noise
         self.router_renormalize = config.router_renormalize
         self.init_scale = config.expert_init_scale
+        self.router_fp32 = config.router_fp32
         self.gate_weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.intermediate_size)
         # Detached statistics of the last forward, for logging and load balancing; never read on the hot path.
         # Plain attributes rather than buffers, so no checkpoint writer can mistake them for weights.
         self.last_counts = torch.zeros(config.num_experts, dtype=torch.long)
         self.last_dropped = torch.zeros(config.num_experts, dtype=torch.long)
+        if config.router_bias_update_rate > 0:
+            # Aux-loss-free balancing: a per-expert selection bias, nudged after every optimizer step towards
+            # the under-loaded experts (see balancing.py). Persistent: it is part of the trained router.
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+            self.bias_counts = torch.zeros(config.num_experts)
+        else:
+            self.expert_bias = None
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.gate_weight, std=math.sqrt(self.init_scale / self.gate_weight.shape[1]))
@@ -51,13 +59,15 @@ class OpenMoeSparseMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        routing = route(x, self.gate_weight, self.top_k, noise=self.router_noise,
-                        renormalize=self.router_renormalize, training=self.training)
+        routing = route(x, self.gate_weight, self.top_k, noise=self.router_noise, renormalize=self.router_renormalize,
+                        training=self.training, fp32=self.router_fp32, selection_bias=self.expert_bias)
         plan = DispatchPlan.build(routing.expert_idx, self.num_experts)
         cap = self.capacity(x.shape[0])
         rows = self.run_experts(plan.permute(x), plan, cap)
         weights = routing.weights * plan.kept(cap)
         out = plan.combine(rows, weights).to(hidden_states.dtype)
         self.last_counts = routing.counts.detach()
+        if self.expert_bias is not None and self.training:
+            self.bias_counts = self.bias_counts.to(routing.counts.device) + routing.counts.detach()
         self.last_dropped = plan.dropped(cap).detach()
         return out.view(shape), routing.aux_loss, routing.z_loss

@@ -19,17 +19,28 @@ class Routing:
 
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, *, noise: str = "none",
-          renormalize: bool = False, training: bool = False) -> Routing:
-    """Route tokens x [S, H] to top_k of E experts with gate_weight [E, H]."""
+          renormalize: bool = False, training: bool = False, fp32: bool = True,
+          selection_bias: torch.Tensor | None = None) -> Routing:
+    """Route tokens x [S, H] to top_k of E experts with gate_weight [E, H].
+
+    selection_bias [E] (aux-loss-free balancing, DeepSeek-V3) shifts which experts are chosen but not the
+    combine weights, which stay the router's probabilities of the chosen experts.
+    """
     num_experts = gate_weight.shape[0]
-    x = x.float()
+    if fp32:
+        x, gate_weight = x.float(), gate_weight.float()
     if training and noise == "jitter":  # Switch Transformer: multiplicative noise on the router input
         x = x * torch.empty_like(x).uniform_(0.99, 1.01)
-    logits = F.linear(x, gate_weight.float())
+    logits = F.linear(x, gate_weight)
     if training and noise == "gaussian":  # noisy top-k with std 1/E, as in the reference's "Gaussian" policy
         logits = logits + torch.randn_like(logits) / num_experts
+    logits = logits.float()  # softmax and z-loss in fp32 even when the matmul was not
     probs = logits.softmax(dim=-1)
-    weights, expert_idx = probs.topk(top_k, dim=-1)
+    if selection_bias is None:
+        weights, expert_idx = probs.topk(top_k, dim=-1)
+    else:
+        expert_idx = (probs + selection_bias).topk(top_k, dim=-1).indices
+        weights = probs.gather(-1, expert_idx)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
 

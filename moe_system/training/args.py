@@ -33,7 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load_checkpoint", default=None, help="start from this Hugging Face-format checkpoint dir")
     g.add_argument("--dispatch", default=None, choices=DISPATCH_MODES, help="MoE dispatch (default: per preset)")
     g.add_argument("--router_topk", type=int, default=None, help="experts per token (default: preset, 2)")
-    g.add_argument("--router_noise", default=None, choices=ROUTER_NOISE, help="router noise in training")
+    g.add_argument("--router_noise", default=None, choices=ROUTER_NOISE,
+                   help="router noise in training: jitter (x*U(0.99,1.01), Switch) or gaussian (logits+N(0,1/E^2))")
+    g.add_argument("--router_renormalize", action="store_true", default=None,
+                   help="renormalise the top-k combine weights to sum to 1 (OpenMoE: raw probabilities)")
+    g.add_argument("--no_router_fp32", dest="router_fp32", action="store_false", default=None,
+                   help="compute the router in the training precision instead of fp32 (not recommended)")
+    g.add_argument("--router_bias_update_rate", type=float, default=None,
+                   help="aux-loss-free balancing (DeepSeek-V3): per-expert selection bias step; 0 disables")
+    g.add_argument("--expert_init_scale", type=float, default=None,
+                   help="Switch-style init: experts and gate ~ N(0, scale/fan_in); default 0.1")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute decoder layers in backward")
 
     g = p.add_argument_group("data")

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from ..data import build_dataset, load_records, load_tokenizer
 from ..model import OpenMoeConfig, OpenMoeForCausalLM
 from ..model.convert import checkpoint_config, load_any_checkpoint
+from ..moe.balancing import update_expert_bias
 from ..parallel.plugin import build_plugin, init_distributed
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_model
 from .evaluate import evaluate_loss, exact_match
@@ -36,7 +37,8 @@ class NonFiniteLossError(RuntimeError):
 def build_model_config(args) -> OpenMoeConfig:
     overrides = dict(router_aux_loss_factor=args.router_aux_loss_factor, router_z_loss_factor=args.router_z_loss_factor,
                      z_loss_factor=args.z_loss_factor, label_smoothing=args.label_smoothing)
-    for name in ("dispatch", "router_topk", "router_noise"):
+    for name in ("dispatch", "router_topk", "router_noise", "router_renormalize", "router_fp32",
+                 "router_bias_update_rate", "expert_init_scale"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.load_checkpoint:
@@ -159,6 +161,8 @@ def train(args) -> dict:
             load_meter.update()
             optimizer.step()
             optimizer.zero_grad()
+            if config.router_bias_update_rate:
+                update_expert_bias(load_meter.layers, config.router_bias_update_rate, plugin.dp_group)
             scheduler.step()
             step += 1
             window_steps += 1
