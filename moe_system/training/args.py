@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="bundled",
-                   help="'bundled', 'bundled-text', a local .jsonl/.json/.parquet/.txt file or dir, or a hub name")
+                   help="'bundled', 'bundled-text', 'synthetic' (random tokens, for throughput), a local "
+                   ".jsonl/.json/.parquet/.txt file or dir, or a hub dataset name")
     g.add_argument("--task_name", default=None, help="hub dataset config, e.g. super_natural_instructions")
     g.add_argument("--eval_dataset", default=None, help="held-out data (default: the bundled held-out split "
                    "when training on bundled data)")

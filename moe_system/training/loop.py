@@ -15,6 +15,7 @@ from colossalai.booster import Booster
 from tqdm import tqdm
 
 from ..data import build_dataset, load_records, load_tokenizer
+from ..data.synthetic import SyntheticTokens
 from ..model import OpenMoeConfig, OpenMoeForCausalLM
 from ..model.convert import checkpoint_config, load_any_checkpoint
 from ..moe.balancing import update_expert_bias
@@ -85,8 +86,12 @@ def train(args) -> dict:
 
     config = build_model_config(args)
     tokenizer = load_tokenizer(args.tokenizer, vocab_size=config.vocab_size)
-    train_records = load_records(args.dataset, args.task_name, "train", skip_malformed=args.skip_malformed)
-    dataset = build_dataset(train_records, tokenizer, args.max_length, mode=args.packing, mask_prompt=args.mask_prompt)
+    if args.dataset == "synthetic":
+        dataset = SyntheticTokens(config.vocab_size, args.max_length, seed=args.seed)
+    else:
+        train_records = load_records(args.dataset, args.task_name, "train", skip_malformed=args.skip_malformed)
+        dataset = build_dataset(train_records, tokenizer, args.max_length, mode=args.packing,
+                                mask_prompt=args.mask_prompt)
     eval_source = args.eval_dataset or ("bundled" if args.dataset == "bundled" else None)
     eval_records = load_records(eval_source, None, "heldout") if eval_source else []
 

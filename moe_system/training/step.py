@@ -35,3 +35,36 @@ def forward_backward(booster, model, optimizer, micro_batches: list[dict], dp_gr
         dist.all_reduce(parts, group=dp_group)
         parts /= dp_size
     return {"lm_loss": parts[0], "aux_loss": parts[1], "router_z_loss": parts[2], "tokens": num_items}
+
+
+def pipeline_forward_backward(booster, model, optimizer, micro_batches: list[dict], dp_group, pp_group,
+                              device) -> dict:
+    """The same step through the 1F1B pipeline (plugin hybrid); every rank returns the same loss parts.
+
+    The accumulation micro-batches form one pipeline batch that the schedule splits into micro-batches of
+    --microbatch_size; those are the routing groups. The schedule divides each micro-batch's criterion by
+    their number M, so the LM term is multiplied by dp_size * M and router losses average over micro-batches.
+    """
+    batch = {key: torch.cat([mb[key] for mb in micro_batches]).to(device) for key in ("input_ids", "labels")}
+    num_items = global_target_count(micro_batches, dp_group, device)
+    dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
+    num_pipeline_mb = batch["input_ids"].shape[0] // booster.plugin.scheduler.microbatch_size
+    cfg = model.unwrap().config
+    seen = []
+
+    def criterion(out, _micro_batch):
+        seen.append(torch.stack([out.lm_loss.detach(), out.aux_loss.detach(), out.router_z_loss.detach()]).float())
+        router = cfg.router_aux_loss_factor * out.aux_loss + cfg.router_z_loss_factor * out.router_z_loss
+        return out.lm_loss * (dp_size * num_pipeline_mb) + router
+
+    batch["num_items_in_batch"] = float(num_items)  # not a tensor: passed whole to every micro-batch
+    booster.execute_pipeline(iter([batch]), model, criterion, optimizer, return_loss=False)
+    parts = torch.zeros(3, device=device)
+    if seen:  # last stage only
+        parts = torch.stack(seen).sum(0) * torch.tensor([dp_size, 1 / len(seen), 1 / len(seen)], device=device)
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(parts, group=pp_group)
+    if dp_size > 1:
+        dist.all_reduce(parts, group=dp_group)
+        parts /= dp_size
+    return {"lm_loss": parts[0], "aux_loss": parts[1], "router_z_loss": parts[2], "tokens": num_items}
