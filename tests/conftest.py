@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-# Tests never reach a hub, and the bundled tokenizer cache goes to a per-session directory.
+# Tests never reach a hub. The bundled tokenizer is trained once and cached (~/.cache/moe_system).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# Measured: 700 steps (cosine to zero) reach ~17% held-out exact match over all seven tasks (chance is ~0: a completion has
+# Measured: 400-500 steps (cosine to zero) reach ~40% held-out exact match over all seven tasks (chance is ~0: a completion has
 # 2-6 tokens from a 735-token vocabulary); a broken model, loss or data path stays near 0.
-MIN_EXACT_MATCH = 0.08
+MIN_EXACT_MATCH = 0.15
 
 
 def run(cmd, **kw):
@@ -23,7 +23,7 @@ def run(cmd, **kw):
 
 def test_tiny_demo_learns_the_bundled_tasks_and_infer_reads_its_checkpoint(tmp_path):
     output = tmp_path / "run"
-    run(["train.py", "--max_steps", "700", "--output_path", str(output), "--log_interval", "100",
+    run(["train.py", "--max_steps", "400", "--output_path", str(output), "--log_interval", "100",
          "--eval_samples", "300"], timeout=1200)
     summary = json.loads((output / "summary.json").read_text())
     assert summary["eval/exact_match"] >= MIN_EXACT_MATCH, summary

@@ -66,7 +66,6 @@ class OpenMoeAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.scale = config.attention_scale
         inner = self.num_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
@@ -80,9 +79,9 @@ class OpenMoeAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        # The released models follow T5X: scale 1.0, no 1/sqrt(head_dim) on the scores.
+        # T5X convention: no 1/sqrt(head_dim) scaling of the scores.
         is_causal = attn_mask is None and seq > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=1.0)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
