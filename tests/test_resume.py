@@ -18,7 +18,7 @@ ARGS = ["--max_steps", "12", "--save_interval", "4", "--log_interval", "4", "--b
 
 def command(nproc: int, output: Path, *extra) -> list[str]:
     launcher = [sys.executable, "train.py"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
         "train.py"]
     return [*launcher, *ARGS, "--output_path", str(output), *extra]
 

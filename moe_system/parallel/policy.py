@@ -1,23 +1,119 @@
-"""Colossal-AI shardformer policy for OpenMoE. One process: nothing to replace or split."""
+"""Colossal-AI shardformer policy for OpenMoE: EP-aware MoE layers and pipeline stages.
 
-from colossalai.shardformer.policies.base_policy import Policy
+* Every MoE layer (`model.layers.{i}.mlp` for i in config.moe_layer_indices) is turned into this rank's
+  ExpertParallelSparseMLP (shardformer calls its `from_native_module` with the EP group).
+* With a pipeline, each stage holds a contiguous run of decoder layers (the embedding on the first stage,
+  the final norm and LM head on the last, the rotary table everywhere) and runs `pipeline_stage_forward`.
+  Router losses are summed over the stage's MoE layers and travel with the hidden states to the next stage,
+  so the last stage computes the same loss as the single-device model and the gates of every stage train.
+"""
+
+from functools import partial
+
+import torch
+from colossalai.shardformer.policies.base_policy import ModulePolicyDescription, Policy, \
+    SubModuleReplacementDescription
+from torch.utils.checkpoint import checkpoint
+
+from ..model.loss import chunked_lm_loss
+from ..model.modeling import OpenMoeCausalLMOutput, OpenMoeForCausalLM
+from ..moe.expert_parallel import ExpertParallelSparseMLP
+
+# Keys of the tensors passed between pipeline stages. The router sums stay fp32: the plugin's module does not
+# cast them to the training precision (plugin.OpenMoeParallelModule).
+STAGE_HIDDEN = "hidden_states"
+STAGE_ROUTER_KEYS = ("router_aux_sum", "router_z_sum")
+
+
+def stage_layer_range(stage_manager, num_layers: int) -> tuple[int, int]:
+    start, end = stage_manager.get_stage_index(stage_manager.distribute_layers(num_layers))
+    return int(start), int(end)
+
+
+def pipeline_stage_forward(self: OpenMoeForCausalLM, input_ids=None, labels=None, hidden_states=None,
+                           router_aux_sum=None, router_z_sum=None, num_items_in_batch=None, attention_mask=None,
+                           stage_manager=None, stage_index=None, **kwargs):
+    """One pipeline stage of OpenMoeForCausalLM.forward for training (causal, right padding, no cache).
+
+    Non-last stages return the tensors for the next stage; the last returns the model's usual output.
+    """
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("pipeline stages train on right-padded rows with a causal mask; drop attention_mask")
+    inner, cfg = self.model, self.config
+    if stage_manager.is_first_stage():
+        x = inner.embed_tokens(input_ids)
+        router_aux_sum = x.new_zeros((), dtype=torch.float32)
+        router_z_sum = x.new_zeros((), dtype=torch.float32)
+    else:
+        x = hidden_states
+    bsz, seq = x.shape[:2]
+    position_ids = torch.arange(seq, device=x.device).expand(bsz, -1)
+    cos, sin = inner.rotary_emb(position_ids)
+    start, end = stage_index
+    for layer in inner.layers[start:end]:
+        if inner.gradient_checkpointing and self.training:
+            x, aux, z = checkpoint(layer, x, cos, sin, None, None, use_reentrant=False)
+        else:
+            x, aux, z = layer(x, cos, sin, None, None)
+        if layer.is_moe:
+            router_aux_sum = router_aux_sum + aux
+            router_z_sum = router_z_sum + z
+    if not stage_manager.is_last_stage():
+        return {STAGE_HIDDEN: x, "router_aux_sum": router_aux_sum, "router_z_sum": router_z_sum}
+
+    num_moe = max(len(cfg.moe_layer_indices), 1)
+    aux_loss, z_loss = router_aux_sum / num_moe, router_z_sum / num_moe
+    hidden = inner.norm(x)
+    lm_loss = chunked_lm_loss(hidden, self.lm_head.weight, labels, label_smoothing=cfg.label_smoothing,
+                              z_loss_factor=cfg.z_loss_factor, chunk_tokens=cfg.loss_chunk_tokens,
+                              num_items=num_items_in_batch)
+    loss = lm_loss + cfg.router_aux_loss_factor * aux_loss + cfg.router_z_loss_factor * z_loss
+    return OpenMoeCausalLMOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, router_z_loss=z_loss)
 
 
 class OpenMoePolicy(Policy):
     def config_sanity_check(self):
-        pass
+        if self.shard_config.enable_tensor_parallelism or self.shard_config.enable_sequence_parallelism:
+            raise NotImplementedError("OpenMoE supports expert, data and pipeline parallelism; not TP/SP")
 
     def preprocess(self):
         return self.model
 
     def module_policy(self):
-        return {}
+        cfg = self.model.config
+        policy = {}
+        ep_group = self.shard_config.ep_group
+        if ep_group is not None:
+            replacements = [SubModuleReplacementDescription(suffix=f"layers.{i}.mlp",
+                                                            target_module=ExpertParallelSparseMLP,
+                                                            kwargs={"ep_group": ep_group}, ignore_if_not_exist=True)
+                            for i in cfg.moe_layer_indices]
+            policy[type(self.model.model)] = ModulePolicyDescription(sub_module_replacement=replacements)
+        stage_manager = self.pipeline_stage_manager
+        if stage_manager is not None:
+            if stage_manager.is_interleave:
+                raise NotImplementedError("OpenMoE pipelines use the 1F1B schedule")
+            stage_index = stage_layer_range(stage_manager, cfg.num_hidden_layers)
+            forward = partial(pipeline_stage_forward, stage_manager=stage_manager, stage_index=stage_index)
+            self.append_or_create_method_replacement(description={"forward": forward}, policy=policy,
+                                                     target_key=type(self.model))
+        return policy
 
     def postprocess(self):
         return self.model
 
     def get_held_layers(self):
-        return [self.model]
+        stage_manager = self.pipeline_stage_manager
+        if stage_manager is None:
+            return [self.model]
+        inner = self.model.model
+        start, end = stage_layer_range(stage_manager, len(inner.layers))
+        held = [inner.rotary_emb, *inner.layers[start:end]]
+        if stage_manager.is_first_stage():
+            held.append(inner.embed_tokens)
+        if stage_manager.is_last_stage():
+            held += [inner.norm, self.model.lm_head]
+        return held
 
     def get_shared_params(self):
-        return []
+        return []  # untied embedding and head

@@ -1,0 +1,1 @@
+"""Benchmarks of issue 8: run as modules from the repository root, e.g. `python -m benchmarks.moe_layer --smoke`."""

@@ -1,0 +1,227 @@
+"""Checkpoint IO for OpenMoE layouts, on Colossal-AI's MoECheckpointIO.
+
+Model: `booster.save_model(model, dir, shard=True)` writes one Hugging Face-format checkpoint whatever the
+layout: every expert tensor is gathered over its EP group into the canonical [E, ...] order (expert e of the
+file is expert e of the single-device model), each pipeline stage writes its own shards, and rank 0 writes
+the merged index and config.json. Loading slices each rank's experts out of the canonical tensors, so a
+checkpoint saved with ep=2 loads into ep=4 or into `OpenMoeForCausalLM.from_pretrained` on one process.
+Upstream (checkpoint_io/moe_checkpoint.py:116-247) writes each EP rank's local [E/ep, ...] stack under the
+same key, so the merged index keeps one rank's experts only; its load (inherited from
+hybrid_parallel_checkpoint_io.py) copies full tensors into local slices.
+
+Optimizer: each rank saves its own optimizer state (ZeRO shards, fp32 masters' moments) plus the layout it
+was saved under, and loading requires the same layout. This replaces moe_checkpoint.py:369-515/516-623,
+which key expert states by a parameter id shared by all EP ranks (our experts are one stacked tensor per
+layer, so one rank's states would overwrite the others') and call `.cuda()` (moe_checkpoint.py:284, 697, 787).
+"""
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from colossalai.checkpoint_io import MoECheckpointIO
+from colossalai.checkpoint_io.index_file import CheckpointIndexFile
+from colossalai.checkpoint_io.utils import (
+    StateDictSharder,
+    get_model_base_filenames,
+    load_shard_state_dict,
+    save_state_dict,
+    save_state_dict_shards,
+)
+from colossalai.interface import ModelWrapper, OptimizerWrapper
+from colossalai.tensor.moe_tensor.api import is_moe_tensor
+
+OPTIMIZER_LAYOUT_FILE = "layout.json"
+
+
+def _ep_group_of(param):
+    return getattr(param, "ep_group", None)
+
+
+def canonical_state_dict(model: torch.nn.Module) -> OrderedDict:
+    """This stage's state dict with every expert tensor gathered over its EP group into canonical order.
+
+    Collective over each EP group: every rank of the stage must call it.
+    """
+    expert_params = {name: p for name, p in model.named_parameters() if is_moe_tensor(p)}
+    state = OrderedDict()
+    for name, tensor in model.state_dict().items():
+        param = expert_params.get(name)
+        group = _ep_group_of(param) if param is not None else None
+        tensor = tensor.detach()
+        if group is not None and dist.get_world_size(group) > 1:
+            parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, tensor.contiguous(), group=group)
+            tensor = torch.cat(parts, dim=0)  # EP rank j holds experts [j*E_local, (j+1)*E_local)
+        state[name] = tensor.cpu()
+    return state
+
+
+def _shards(state: OrderedDict, size_per_shard: int):
+    sharder = StateDictSharder(size_per_shard)
+    for name, tensor in state.items():
+        block, size = sharder.append_param(name, tensor)
+        if block is not None:
+            yield block, size
+    yield sharder.current_block, sharder.current_block_size
+
+
+class OpenMoeCheckpointIO(MoECheckpointIO):
+    def __init__(self, global_dp_group, pp_group, tp_group, sp_group, ep_group, moe_dp_group, zero_stage: int):
+        super().__init__(global_dp_group, pp_group, tp_group, sp_group, ep_group, moe_dp_group, zero_stage,
+                         verbose=False)
+        self.zero_stage = zero_stage
+
+    def _layout_record(self) -> dict:
+        return {"world": dist.get_world_size(), "pp": self.pp_size, "ep": self.ep_size, "moe_dp": self.moe_dp_size,
+                "zero_stage": self.zero_stage}
+
+    # ---------------------------------------------------------------- model
+    def save_sharded_model(self, model: ModelWrapper, checkpoint: str, gather_dtensor: bool = True,
+                           prefix: str | None = None, size_per_shard: int = 1024, use_safetensors: bool = False,
+                           use_async: bool = False) -> None:
+        assert isinstance(model, ModelWrapper), "boost the model before saving it"
+        model = model.unwrap()
+        if dist.get_rank() == 0:
+            os.makedirs(checkpoint, exist_ok=True)
+        dist.barrier()
+        state = canonical_state_dict(model)
+        writer = self.moe_dp_rank == 0 and self.ep_rank == 0 and self.tp_rank == 0 and self.sp_rank == 0
+        weights_name, index_name = get_model_base_filenames(prefix, use_safetensors)
+        if self.pp_size > 1:
+            stage = f"-stage-{self.pp_rank + 1:05d}"
+            weights_name = weights_name.replace(".bin", f"{stage}.bin").replace(".safetensors", f"{stage}.safetensors")
+        stage_index = CheckpointIndexFile(checkpoint)
+        total = save_state_dict_shards(_shards(state, size_per_shard), checkpoint, stage_index, weights_name,
+                                       is_master=writer, use_safetensors=use_safetensors,
+                                       use_pp_format=self.pp_size > 1)
+        # Every stage writer reports its weight map to rank 0 (the first stage's writer), which merges them.
+        report = {"total_size": total, "weight_map": dict(stage_index.weight_map)} if writer else None
+        reports = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, report)
+        if dist.get_rank() == 0:
+            index = CheckpointIndexFile(checkpoint)
+            index.append_meta_data("total_size", sum(r["total_size"] for r in reports if r))
+            for r in reports:
+                for key, filename in (r or {}).get("weight_map", {}).items():
+                    index.append_weight_map(key, filename)
+            index.write_index_file(index_name)
+            model.config.save_pretrained(checkpoint)  # from_pretrained needs config.json next to the shards
+        dist.barrier()
+
+    def save_unsharded_model(self, model: ModelWrapper, checkpoint: str, gather_dtensor: bool,
+                             use_safetensors: bool, use_async: bool = False) -> None:
+        """One file with the whole model in canonical order (upstream hangs with ep > 1, moe_checkpoint.py:686)."""
+        model = model.unwrap()
+        state = canonical_state_dict(model)
+        stages = [None] * self.pp_size if self.pp_size > 1 else None
+        if self.pp_size > 1:
+            dist.all_gather_object(stages, state if self.moe_dp_rank == 0 and self.ep_rank == 0 else None,
+                                   group=self.pp_group)
+            state = OrderedDict((k, v) for s in stages for k, v in s.items())
+        if dist.get_rank() == 0:
+            save_state_dict(state, checkpoint, use_safetensors)
+        dist.barrier()
+
+    def _load_canonical(self, model: torch.nn.Module, read) -> None:
+        """Copy canonical tensors into this rank's parameters, slicing experts by EP rank."""
+        missing = []
+        with torch.no_grad():
+            for name, param in model.state_dict(keep_vars=True).items():  # parameters and persistent buffers
+                tensor = read(name)
+                if tensor is None:
+                    missing.append(name)
+                    continue
+                group = _ep_group_of(param) if is_moe_tensor(param) else None
+                if group is not None and dist.get_world_size(group) > 1:
+                    local = param.shape[0]
+                    first = dist.get_rank(group) * local
+                    tensor = tensor[first:first + local]
+                if tensor.shape != param.shape:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit {tuple(param.shape)}")
+                param.copy_(tensor.to(param.dtype))
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} parameter(s) of this model, e.g. {missing[:3]}")
+
+    def load_sharded_model(self, model: ModelWrapper, checkpoint_index_file: Path, strict: bool = False,
+                           low_cpu_mem_mode: bool = True, num_threads: int = 1) -> None:
+        assert isinstance(model, ModelWrapper), "boost the model before loading into it"
+        index = CheckpointIndexFile.from_file(checkpoint_index_file)
+        use_safetensors = "safetensors" in Path(checkpoint_index_file).name
+        loaded: dict[str, dict] = {}
+
+        def read(name):
+            filename = index.weight_map.get(name)
+            if filename is None:
+                return None
+            if filename not in loaded:
+                loaded[filename] = load_shard_state_dict(Path(index.root_path) / filename, use_safetensors)
+            return loaded[filename][name]
+
+        self._load_canonical(model.unwrap(), read)
+        model.update_master_params()
+
+    def load_unsharded_model(self, model: ModelWrapper, checkpoint: str, strict: bool = True,
+                             low_cpu_mem_mode: bool = True, num_threads: int = 1) -> None:
+        if str(checkpoint).endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(checkpoint)
+        else:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        self._load_canonical(model.unwrap(), state.get)
+        model.update_master_params()
+
+    # ---------------------------------------------------------------- optimizer
+    def save_sharded_optimizer(self, optimizer: OptimizerWrapper, checkpoint: str, gather_dtensor: bool = True,
+                               prefix: str | None = None, size_per_shard: int = 1024, use_async: bool = False):
+        assert isinstance(optimizer, OptimizerWrapper), "boost the optimizer before saving it"
+        rank = dist.get_rank()
+        if rank == 0:
+            os.makedirs(checkpoint, exist_ok=True)
+            with open(os.path.join(checkpoint, OPTIMIZER_LAYOUT_FILE), "w") as f:
+                json.dump(self._layout_record(), f)
+        dist.barrier()
+        # The fp32 master weights too: the model checkpoint holds bf16/fp16 working weights, and resuming from
+        # those alone would round every master weight.
+        masters = [p.detach().cpu() for group in optimizer.optim.param_groups for p in group["params"]]
+        state = {"optim": optimizer.optim.state_dict(), "masters": masters}
+        mixin = getattr(optimizer, "mixed_precision_mixin", None) or getattr(optimizer, "mixed_precision", None)
+        if mixin is not None and hasattr(mixin, "grad_scaler"):
+            state["grad_scaler"] = mixin.grad_scaler.state_dict()
+        torch.save(state, os.path.join(checkpoint, f"rank{rank:05d}.pt"))
+        dist.barrier()
+
+    def load_sharded_optimizer(self, optimizer: OptimizerWrapper, checkpoint_index_file, prefix: str = "",
+                               low_cpu_mem_mode: bool = True, num_threads: int = 1):
+        directory = Path(checkpoint_index_file)
+        directory = directory if directory.is_dir() else directory.parent
+        with open(directory / OPTIMIZER_LAYOUT_FILE) as f:
+            saved = json.load(f)
+        if saved != self._layout_record():
+            raise ValueError(f"optimizer state was saved under layout {saved}, this run is {self._layout_record()}; "
+                             f"resume with the same layout (model weights load into any layout)")
+        state = torch.load(directory / f"rank{dist.get_rank():05d}.pt", map_location="cpu", weights_only=False)
+        optimizer.optim.load_state_dict(state["optim"])
+        with torch.no_grad():  # call after booster.load_model, which resets masters from the working weights
+            masters = [p for group in optimizer.optim.param_groups for p in group["params"]]
+            for master, saved in zip(masters, state["masters"], strict=True):
+                master.copy_(saved)
+        mixin = getattr(optimizer, "mixed_precision_mixin", None) or getattr(optimizer, "mixed_precision", None)
+        if "grad_scaler" in state and mixin is not None and hasattr(mixin, "grad_scaler"):
+            mixin.grad_scaler.load_state_dict(state["grad_scaler"])
+
+    def load_optimizer(self, optimizer: OptimizerWrapper, checkpoint: str, prefix: str = None,
+                       low_cpu_mem_mode: bool = True, num_threads: int = 1):
+        # The generic entry point looks for an upstream index file; ours is a directory with layout.json.
+        if os.path.isfile(os.path.join(checkpoint, OPTIMIZER_LAYOUT_FILE)):
+            return self.load_sharded_optimizer(optimizer, checkpoint)
+        return super().load_optimizer(optimizer, checkpoint, prefix, low_cpu_mem_mode, num_threads)
+
+    def save_unsharded_optimizer(self, optimizer, checkpoint, gather_dtensor, use_async: bool = False):
+        raise NotImplementedError("save the optimizer with shard=True (one file per rank, any layout)")
+
+
+__all__ = ["OpenMoeCheckpointIO", "canonical_state_dict"]

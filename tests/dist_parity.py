@@ -1,0 +1,119 @@
+"""Worker: train parity cases under torchrun and write what rank 0 sees (losses, grad norms, gathered params).
+
+Usage: torchrun --nproc_per_node N tests/dist_parity.py OUT_DIR CASE_JSON [CASE_JSON ...]
+Each case is a dict: plugin, zero, precision, extra_dp_size / pp, dp, ep, microbatch, dispatch, starve,
+optimizer, max_norm, name; optionally save (a directory for booster.save_model).
+Several cases share one process group (launching costs more than a case on 2 CPU cores).
+"""
+
+import json
+import os
+import sys
+from argparse import Namespace
+
+import torch
+import torch.distributed as dist
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
+from dist_common import STEPS, make_batch, make_config, make_model, make_optimizer, routing_groups  # noqa: E402
+
+from colossalai.booster import Booster  # noqa: E402
+
+from moe_system.parallel.checkpoint import canonical_state_dict  # noqa: E402
+from moe_system.parallel.plugin import build_plugin, init_distributed  # noqa: E402
+from moe_system.training.step import forward_backward, pipeline_forward_backward  # noqa: E402
+
+
+def check_groups(plugin, layout) -> None:
+    """The documented layout (parallel/layout.py) is the mesh Colossal-AI actually built."""
+    for group, expected in ((plugin.ep_group, layout.ep_group_ranks()), (plugin.pp_group, layout.pp_group_ranks()),
+                            (plugin.moe_dp_group, layout.expert_dp_group_ranks()),
+                            (plugin.dp_group, layout.dp_group_ranks())):
+        actual = dist.get_process_group_ranks(group)
+        assert actual == expected, f"rank {dist.get_rank()}: group {actual} != documented {expected}"
+
+
+def boosted(case: dict, config):
+    args = Namespace(plugin=case["plugin"], zero_stage=case["zero"], precision=case["precision"],
+                     extra_dp_size=case.get("extra_dp_size", 1), pp_size=case.get("pp", 1),
+                     dp_size=case.get("moe_dp", 1), ep_size=case.get("ep", 1), microbatch_size=case.get("microbatch"),
+                     max_grad_norm=case.get("max_norm", 1e9), seed=1, batch_size=None)
+    plugin, layout = build_plugin(args, config)
+    booster = Booster(plugin=plugin)
+    model = make_model(config, case.get("starve", False))
+    optimizer = make_optimizer(model.parameters(), case.get("optimizer", "adamw"))
+    model, optimizer, *_ = booster.boost(model, optimizer)
+    check_groups(plugin, layout)
+    model.train()
+    return plugin, layout, booster, model, optimizer
+
+
+def train_step(plugin, layout, booster, model, optimizer, shard) -> tuple[list, float]:
+    if layout.is_pipeline:
+        parts = pipeline_forward_backward(booster, model, optimizer, [shard], plugin.dp_group, plugin.pp_group,
+                                          torch.device("cpu"))
+    else:
+        parts = forward_backward(booster, model, optimizer, [shard], plugin.dp_group, torch.device("cpu"))
+    optimizer.step()
+    norm = optimizer.get_grad_norm()
+    optimizer.zero_grad()
+    return [float(parts[k]) for k in ("lm_loss", "aux_loss", "router_z_loss")], norm
+
+
+def run_case(case: dict, out_dir: str) -> None:
+    config = make_config(case.get("dispatch", "dropless"))
+    plugin, layout, booster, model, optimizer = boosted(case, config)
+    if case.get("load"):
+        booster.load_model(model, case["load"])
+
+    batch = make_batch()
+    shard = routing_groups(batch, layout.dp_size, None)[layout.data_parallel_rank]
+    losses, norms = [], []
+    if case.get("eval_only"):  # forward only: the LM loss of the whole batch, summed over the DP shards
+        model.eval()
+        num_items = float((batch["labels"][:, 1:] != -100).sum())
+        with torch.no_grad():
+            lm_loss = model(input_ids=shard["input_ids"], labels=shard["labels"], num_items_in_batch=num_items).lm_loss
+        dist.all_reduce(lm_loss, group=plugin.dp_group)
+        losses.append([float(lm_loss), 0.0, 0.0])
+    for step in range(0 if case.get("eval_only") else STEPS):
+        loss, norm = train_step(plugin, layout, booster, model, optimizer, shard)
+        losses.append(loss)
+        norms.append(norm)
+        if case.get("resume_at") == step + 1:
+            # Save model and optimizer, rebuild everything from scratch (fresh weights), load, continue.
+            where = os.path.join(out_dir, f"{case['name']}-resume")
+            booster.save_model(model, os.path.join(where, "model"), shard=True, use_safetensors=True)
+            booster.save_optimizer(optimizer, os.path.join(where, "optimizer"), shard=True)
+            torch.manual_seed(12345)
+            plugin, layout, booster, model, optimizer = boosted({**case, "starve": False}, config)
+            booster.load_model(model, os.path.join(where, "model"))
+            booster.load_optimizer(optimizer, os.path.join(where, "optimizer"))
+
+    # Canonical parameters: experts gathered over EP inside each stage, stages gathered over the PP group.
+    state = canonical_state_dict(model.unwrap())
+    stages = [None] * layout.pp
+    dist.all_gather_object(stages, state, group=plugin.pp_group)
+    if case.get("save"):
+        booster.save_model(model, case["save"], shard=True, use_safetensors=case.get("safetensors", True),
+                           size_per_shard=1)
+    if dist.get_rank() == 0:
+        merged = {k: v.float() for s in stages for k, v in s.items()}
+        torch.save({"losses": losses, "norms": norms, "state": merged, "layout": layout.describe()},
+                   os.path.join(out_dir, f"{case['name']}.pt"))
+    dist.barrier()
+
+
+def main():
+    out_dir, cases = sys.argv[1], [json.loads(c) for c in sys.argv[2:]]
+    init_distributed(seed=1)
+    for case in cases:
+        run_case(case, out_dir)
+        if dist.get_rank() == 0:
+            print(f"case {case['name']} done", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
