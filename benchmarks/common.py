@@ -32,6 +32,29 @@ def pick_device(smoke: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def add_shape_arguments(parser) -> None:
+    """The command-line flags the per-shape benchmarks (moe_layer, router_permute) share."""
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks that the script runs")
+    parser.add_argument("--out", help="write the JSON here (printed otherwise)")
+    parser.add_argument("--shapes", nargs="+", help="subset of the benchmark's shape names")
+    parser.add_argument("--tokens", nargs="+", type=int)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--iters", type=int)
+
+
+def shape_settings(args, shapes: dict, smoke_shapes: dict, tokens: list, smoke_tokens: list, warmup: int,
+                   iters: int):
+    """(device, dtype, shapes, tokens, warmup, iters) from add_shape_arguments' flags; smoke mode shrinks all."""
+    device = pick_device(args.smoke)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    chosen = smoke_shapes if args.smoke else {name: shapes[name] for name in (args.shapes or shapes)}
+    chosen_tokens = args.tokens or (smoke_tokens if args.smoke else tokens)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else warmup)
+    iters = args.iters if args.iters is not None else (3 if args.smoke else iters)
+    return device, dtype, chosen, chosen_tokens, warmup, iters
+
+
 def environment(device: torch.device) -> dict:
     import transformers
     env = {

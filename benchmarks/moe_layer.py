@@ -48,8 +48,8 @@ from moe_system.model import OpenMoeConfig
 from moe_system.moe import OpenMoeSparseMLP, capacity
 from moe_system.moe.experts import grouped_mm_supported, swiglu3
 
-from .common import GiB, Mismatch, environment, exit_code, guarded, max_abs_diff, peak_bytes, pick_device, \
-    time_ms, write_json
+from .common import GiB, Mismatch, add_shape_arguments, environment, exit_code, guarded, max_abs_diff, peak_bytes, \
+    shape_settings, time_ms, write_json
 
 # performance.md's layers. Mixtral-like and fine-grained are given as standard SwiGLU widths F there; our
 # 3-way expert with I = 3F/4 has exactly their FLOPs and parameter count (4*H*I = 3*H*F).
@@ -403,24 +403,14 @@ def add_ratios(results: dict) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks that the script runs")
-    parser.add_argument("--out", help="write the JSON here (printed otherwise)")
-    parser.add_argument("--shapes", nargs="+", help=f"subset of {list(SHAPES)}")
-    parser.add_argument("--tokens", nargs="+", type=int)
+    add_shape_arguments(parser)
     parser.add_argument("--routing", nargs="+", choices=["uniform", "skewed"], help="default: both")
     parser.add_argument("--dispatch", nargs="+", choices=["dropless", "capacity"], help="default: both")
     parser.add_argument("--impls", nargs="+", help="only these implementations (ours is always run first)")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--warmup", type=int)
-    parser.add_argument("--iters", type=int)
     args = parser.parse_args(argv)
 
-    device = pick_device(args.smoke)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in (args.shapes or SHAPES)}
-    tokens = args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS)
-    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
-    iters = args.iters if args.iters is not None else (3 if args.smoke else 10)
+    device, dtype, shapes, tokens, warmup, iters = shape_settings(args, SHAPES, SMOKE_SHAPES, TOKENS, SMOKE_TOKENS,
+                                                                  warmup=3, iters=10)
     impls = None if args.impls is None else {"ours", *args.impls}
 
     if args.smoke and not (args.routing or args.dispatch):

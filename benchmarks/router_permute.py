@@ -26,8 +26,8 @@ import torch
 from moe_system.model import OpenMoeConfig
 from moe_system.moe import OpenMoeSparseMLP, capacity
 
-from .common import Mismatch, environment, exit_code, guarded, max_abs_diff, peak_bytes, pick_device, \
-    time_ms, write_json
+from .common import Mismatch, add_shape_arguments, environment, exit_code, guarded, max_abs_diff, peak_bytes, \
+    shape_settings, time_ms, write_json
 from .moe_layer import CAPACITY_FACTOR, SHAPES, SMOKE_SHAPES, TOLERANCE, make_input, route_fp32
 
 TOKENS = [4096, 16384, 65536]
@@ -150,23 +150,13 @@ def full_layer_syncs(cfg, x, grad_out, device, dtype) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks that the script runs")
-    parser.add_argument("--out", help="write the JSON here (printed otherwise)")
-    parser.add_argument("--shapes", nargs="+", help=f"subset of {list(SHAPES)}")
-    parser.add_argument("--tokens", nargs="+", type=int)
+    add_shape_arguments(parser)
     parser.add_argument("--routing", nargs="+", default=["uniform", "skewed"], choices=["uniform", "skewed"])
     parser.add_argument("--dispatch", nargs="+", default=["dropless", "capacity"], choices=["dropless", "capacity"])
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--warmup", type=int)
-    parser.add_argument("--iters", type=int)
     args = parser.parse_args(argv)
 
-    device = pick_device(args.smoke)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in (args.shapes or SHAPES)}
-    tokens = args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS)
-    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
-    iters = args.iters if args.iters is not None else (3 if args.smoke else 20)
+    device, dtype, shapes, tokens, warmup, iters = shape_settings(args, SHAPES, SMOKE_SHAPES, TOKENS, SMOKE_TOKENS,
+                                                                  warmup=5, iters=20)
     cases = [run_case(name, shape, t, routing, dispatch, device, dtype, warmup, iters)
              for name, shape in shapes.items() for t in tokens for routing in args.routing
              for dispatch in args.dispatch]
