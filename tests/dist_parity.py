@@ -96,8 +96,8 @@ def run_case(case: dict, out_dir: str) -> None:
     stages = [None] * layout.pp
     dist.all_gather_object(stages, state, group=plugin.pp_group)
     if case.get("save"):
-        booster.save_model(model, case["save"], shard=True, use_safetensors=case.get("safetensors", True),
-                           size_per_shard=1)
+        booster.save_model(model, case["save"], shard=True, use_safetensors=True, size_per_shard=1)
+        booster.save_model(model, case["save"] + ".safetensors", shard=False, use_safetensors=True)
     if dist.get_rank() == 0:
         merged = {k: v.float() for s in stages for k, v in s.items()}
         torch.save({"losses": losses, "norms": norms, "state": merged, "layout": layout.describe()},

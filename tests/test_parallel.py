@@ -12,6 +12,7 @@ from argparse import Namespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from dist_common import launch, make_batch, reference_run
 
 from moe_system.parallel.layout import Layout, LayoutError, validate_layout
@@ -143,6 +144,9 @@ def test_saved_checkpoint_loads_with_from_pretrained(saved, trained, workdir, re
     assert set(state) == set(result["state"])
     for key, value in result["state"].items():  # experts in canonical order, every stage present
         assert torch.equal(state[key], value), key
+    single_file = load_file(workdir / f"{saved}.safetensors")  # shard=False: one file, same canonical weights
+    assert set(single_file) == set(state)
+    assert all(torch.equal(single_file[k].float(), v) for k, v in result["state"].items())
 
 
 def test_checkpoint_from_ep2_gives_the_same_function_in_ep4_and_ep1(workdir, results_2, results_4):

@@ -95,11 +95,12 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
             stage = f"-stage-{self.pp_rank + 1:05d}"
             weights_name = weights_name.replace(".bin", f"{stage}.bin").replace(".safetensors", f"{stage}.safetensors")
         stage_index = CheckpointIndexFile(checkpoint)
-        total = save_state_dict_shards(_shards(state, size_per_shard), checkpoint, stage_index, weights_name,
-                                       is_master=writer, use_safetensors=use_safetensors,
-                                       use_pp_format=self.pp_size > 1)
+        save_state_dict_shards(_shards(state, size_per_shard), checkpoint, stage_index, weights_name,
+                               is_master=writer, use_safetensors=use_safetensors, use_pp_format=self.pp_size > 1)
         # Every stage writer reports its weight map to rank 0 (the first stage's writer), which merges them.
-        report = {"total_size": total, "weight_map": dict(stage_index.weight_map)} if writer else None
+        # total_size in bytes, as Hugging Face indexes have it (Colossal-AI's own writer puts megabytes there).
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        report = {"total_size": nbytes, "weight_map": dict(stage_index.weight_map)} if writer else None
         reports = [None] * dist.get_world_size()
         dist.all_gather_object(reports, report)
         if dist.get_rank() == 0:
@@ -117,11 +118,10 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
         """One file with the whole model in canonical order (upstream hangs with ep > 1, moe_checkpoint.py:686)."""
         model = model.unwrap()
         state = canonical_state_dict(model)
-        stages = [None] * self.pp_size if self.pp_size > 1 else None
-        if self.pp_size > 1:
-            dist.all_gather_object(stages, state if self.moe_dp_rank == 0 and self.ep_rank == 0 else None,
-                                   group=self.pp_group)
-            state = OrderedDict((k, v) for s in stages for k, v in s.items())
+        if self.pp_size > 1:  # every stage's canonical state to the first stage
+            stages = [None] * self.pp_size
+            dist.all_gather_object(stages, state, group=self.pp_group)
+            state = OrderedDict((k, v) for stage in stages for k, v in stage.items())
         if dist.get_rank() == 0:
             save_state_dict(state, checkpoint, use_safetensors)
         dist.barrier()
@@ -141,7 +141,8 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
                     first = dist.get_rank(group) * local
                     tensor = tensor[first:first + local]
                 if tensor.shape != param.shape:
-                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit {tuple(param.shape)}")
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit "
+                                     f"{tuple(param.shape)}")
                 param.copy_(tensor.to(param.dtype))
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} parameter(s) of this model, e.g. {missing[:3]}")

@@ -27,6 +27,7 @@ from types import MethodType
 import colossalai
 import torch
 import torch.distributed as dist
+from colossalai.accelerator import get_accelerator
 from colossalai.booster.plugin import MoeHybridParallelPlugin
 from colossalai.booster.plugin.hybrid_parallel_plugin import (
     HybridParallelAMPOptimizer,
@@ -62,9 +63,10 @@ def true_grad_norm(grads_and_experts, dp_group, ep_group, pp_group, sharded: boo
     spans the EP group and the expert replicas). Replicated (ZeRO-0, after the gradient sync): dense gradients
     are equal across DP ranks, expert gradients equal across replicas and distinct across the EP group.
     """
-    squares = torch.zeros(2, dtype=torch.float64)
+    # On the accelerator: NCCL reduces device tensors only, and a host copy per gradient would sync each time.
+    squares = torch.zeros(2, dtype=torch.float64, device=get_accelerator().get_current_device())
     for grad, is_expert in grads_and_experts:
-        squares[int(is_expert)] += grad.detach().double().pow(2).sum().cpu()
+        squares[int(is_expert)] += grad.detach().double().pow(2).sum().to(squares.device)
     if sharded:
         total = squares.sum().reshape(1)
         if _group_size(dp_group) > 1:

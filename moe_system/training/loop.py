@@ -26,7 +26,7 @@ from .flops import param_counts, train_flops_per_token
 from .metrics import ExpertLoadMeter, MetricsLogger, format_load
 from .sampler import ResumableDistributedSampler
 from .schedule import build_scheduler
-from .step import forward_backward
+from .step import forward_backward, pipeline_forward_backward
 
 H100_BF16_PEAK_TFLOPS = 989.0
 
@@ -78,13 +78,13 @@ def micro_batch_groups(dataloader, size: int):
 
 def train(args) -> dict:
     init_distributed(args.seed)
-    plugin, layout = build_plugin(args)
+    config = build_model_config(args)
+    plugin, layout = build_plugin(args, config)
     booster = Booster(plugin=plugin)
     is_main = dist.get_rank() == 0
     device = get_accelerator().get_current_device()
     resume_from = resolve_resume(args.resume, args.output_path) if args.resume else None
 
-    config = build_model_config(args)
     tokenizer = load_tokenizer(args.tokenizer, vocab_size=config.vocab_size)
     if args.dataset == "synthetic":
         dataset = SyntheticTokens(config.vocab_size, args.max_length, seed=args.seed)
@@ -149,7 +149,11 @@ def train(args) -> dict:
         # The reference never called set_epoch (same order every epoch); a resumed run restarts mid-epoch.
         dataloader.sampler.set_epoch(epoch, done_in_epoch * args.grad_accum_steps * args.batch_size)
         for micro_batches in micro_batch_groups(dataloader, args.grad_accum_steps):
-            parts = forward_backward(booster, model, optimizer, micro_batches, plugin.dp_group, device)
+            if layout.is_pipeline:
+                parts = pipeline_forward_backward(booster, model, optimizer, micro_batches, plugin.dp_group,
+                                                  plugin.pp_group, device)
+            else:
+                parts = forward_backward(booster, model, optimizer, micro_batches, plugin.dp_group, device)
             loss = parts["lm_loss"].item()  # identical on every rank, so every rank takes the same branch
             if not torch.isfinite(parts["lm_loss"] + parts["aux_loss"] + parts["router_z_loss"]):
                 optimizer.zero_grad()
@@ -191,7 +195,7 @@ def train(args) -> dict:
                 last_load = load_meter.stats()
                 load_meter.reset()
                 window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
-            if args.eval_interval and step % args.eval_interval == 0 and eval_records:
+            if args.eval_interval and step % args.eval_interval == 0 and eval_records and not layout.is_pipeline:
                 logger.log(step, run_eval(model, tokenizer, eval_records, args, device))
             if step % args.save_interval == 0 and step < total_steps:
                 checkpoint()
@@ -201,12 +205,16 @@ def train(args) -> dict:
 
     summary = {"steps": step, "skipped_steps": skipped, "final_lm_loss": history[-1] if history else None,
                "wall_s": time.perf_counter() - run_start}
-    if eval_records:
-        summary.update(run_eval(model, tokenizer, eval_records, args, device))
-        logger.log(step, summary)
     checkpoint()
     final_dir = os.path.join(args.output_path, "final")
     save_model(booster, model, tokenizer, final_dir)
+    if eval_records:
+        if not layout.is_pipeline:  # every rank takes part: with EP each forward is a collective
+            summary.update(run_eval(model, tokenizer, eval_records, args, device))
+        elif is_main:  # pipeline stages cannot run a forward alone: evaluate the saved model in this process
+            summary.update(run_eval(OpenMoeForCausalLM.from_pretrained(final_dir).to(device), tokenizer,
+                                    eval_records, args, device))
+        logger.log(step, summary)
     if is_main:
         if last_load:
             print(f"expert load over the last logged window:\n" + format_load(last_load))

@@ -32,6 +32,8 @@ class ExpertLoadMeter:
         stats = {}
         for i, (counts, dropped) in enumerate(zip(self.counts, self.dropped)):
             counts, dropped = counts.cpu(), dropped.cpu()
+            if counts.sum() == 0:
+                continue  # a layer of another pipeline stage: its tokens are counted on that stage
             total = counts.sum().clamp(min=1)
             stats[f"moe/layer{i}/imbalance"] = (counts.max() / counts.mean().clamp(min=1e-9)).item()
             stats[f"moe/layer{i}/dropped_frac"] = (dropped.sum() / total).item()
