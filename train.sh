@@ -9,6 +9,7 @@
 #   ep-2node          2 nodes x 8 GPUs (HOSTFILE, see hostfile.example), EP 16, ZeRO-2
 #   ep_zero-2node     2 nodes x 8 GPUs, EP 8 inside each node, experts replicated across the 2 nodes, ZeRO-1
 #
+# GPU presets need TOKENIZER=/path/to/umt5-tokenizer (DATASET, TASK_NAME optional) in the environment.
 # Multi-node: HOSTFILE (default ./hostfile) lists one host per line, node-rank order, the first one being the
 # rendezvous master; see hostfile.example. No comment lines: colossalai 0.5.0 reads every non-empty line as a
 # host. Hosts named localhost, 127.0.0.1, 0.0.0.0 or resolving to this machine run locally without ssh; any
@@ -22,7 +23,13 @@ export PATH="$PWD/.venv/bin:$PATH"
 PRESET=${1:-cpu-smoke}
 shift || true
 HOSTFILE=${HOSTFILE:-hostfile}
-OPENMOE_8B="--model_name 8b --batch_size 1 --lr 1e-5 --num_epoch 1 --precision bf16"
+# The released-size presets need the umT5 tokenizer (256384 tokens; a local directory, since a hub name is refused
+# offline) and a real dataset (default: the reference's self_instruct / super_natural_instructions).
+openmoe_8b() {
+  : "${TOKENIZER:?set TOKENIZER to a local umT5 tokenizer directory (e.g. a saved google/umt5-small)}"
+  echo "--model_name 8b --batch_size 1 --lr 1e-5 --num_epoch 1 --precision bf16 --tokenizer $TOKENIZER" \
+       "--dataset ${DATASET:-yizhongw/self_instruct} --task_name ${TASK_NAME:-super_natural_instructions}"
+}
 
 case "$PRESET" in
   cpu-smoke)
@@ -33,17 +40,22 @@ case "$PRESET" in
     OMP_NUM_THREADS=1 colossalai run --hostfile outputs/hostfile.local --nproc_per_node 1 train.py \
       --plugin ep --max_steps 20 --batch_size 2 --eval_samples 20 --output_path outputs/cpu-smoke-2node "$@" ;;
   ep)
+    OPENMOE_8B=$(openmoe_8b)
     colossalai run --nproc_per_node 8 train.py $OPENMOE_8B --plugin ep --zero_stage 2 "$@" ;;
   ep_zero)
+    OPENMOE_8B=$(openmoe_8b)
     colossalai run --nproc_per_node 8 train.py $OPENMOE_8B --plugin ep_zero --extra_dp_size 2 --zero_stage 1 "$@" ;;
   hybrid)
+    OPENMOE_8B=$(openmoe_8b)
     colossalai run --nproc_per_node 8 train.py $OPENMOE_8B --plugin hybrid --zero_stage 1 \
       --pp_size 2 --dp_size 1 --ep_size 4 --microbatch_size 1 --batch_size 2 "$@" ;;
   ep-2node)
+    OPENMOE_8B=$(openmoe_8b)
     colossalai run --hostfile "$HOSTFILE" --nproc_per_node 8 train.py $OPENMOE_8B --plugin ep --zero_stage 2 "$@" ;;
   ep_zero-2node)
+    OPENMOE_8B=$(openmoe_8b)
     colossalai run --hostfile "$HOSTFILE" --nproc_per_node 8 train.py $OPENMOE_8B --plugin ep_zero \
       --extra_dp_size 2 --zero_stage 1 "$@" ;;
   *)
-    sed -n '2,11p' "$0"; exit 2 ;;
+    sed -n '2,12p' "$0"; exit 2 ;;
 esac
