@@ -116,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PRESET_DEFAULTS[args.model_name].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.resume and args.load_checkpoint:
+        parser.error("--resume restores the model it saved; --load_checkpoint would be ignored. Pass one of them")
     if args.output_path is None:
         args.output_path = f"outputs/openmoe-{args.model_name}"
     for name in ("batch_size", "max_length", "num_epoch", "grad_accum_steps", "save_interval"):

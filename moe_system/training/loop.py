@@ -76,8 +76,23 @@ def micro_batch_groups(dataloader, size: int):
             group = []
 
 
+def check_output_dir(path: str) -> None:
+    """Fail before any work if the run could not save into path (found out only at the first checkpoint, else)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise PermissionError(f"--output_path {path} is not a writable directory ({error.strerror}); "
+                              f"choose another --output_path") from None
+
+
 def train(args) -> dict:
     init_distributed(args.seed)
+    if dist.get_rank() == 0:
+        check_output_dir(args.output_path)
     config = build_model_config(args)
     plugin, layout = build_plugin(args, config)
     booster = Booster(plugin=plugin)
