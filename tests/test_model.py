@@ -69,7 +69,7 @@ def test_cached_decode_logits_match_full_forward():
     ids = torch.randint(3, 1024, (1, 10))
     full = model(ids).logits
     out = model(ids[:, :6], use_cache=True)
-    cache, steps = out.past_key_values, [out.logits[:, -1]]
+    cache, steps = out.kv_cache, [out.logits[:, -1]]
     for t in range(6, 10):
         out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
         steps.append(out.logits[:, -1])

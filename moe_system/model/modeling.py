@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from ..moe.experts import swiglu3
 from ..moe.layer import OpenMoeSparseMLP
@@ -212,11 +213,24 @@ class OpenMoeModelOutput:
     z_loss: torch.Tensor
 
 
+# transformers 5.24 renamed the KV-cache field that generate() reads from model outputs (and passes back in) from
+# past_key_values to cache, and refuses both at once; we fill whichever this version of transformers uses.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 @dataclass
-class OpenMoeCausalLMOutput(CausalLMOutputWithPast):
+class OpenMoeCausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: object = None
+    cache: object = None
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     router_z_loss: torch.Tensor | None = None
+
+    @property
+    def kv_cache(self):
+        return self.cache if self.cache is not None else self.past_key_values
 
 
 class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
@@ -237,7 +251,7 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, num_items_in_batch=None,
-                return_logits=None, **kwargs):
+                return_logits=None, cache=None, **kwargs):
         """With labels, the loss is computed from the hidden states chunk by chunk and logits are not returned
         (pass return_logits=True to get them too): B x T x 256k fp32 logits would not fit.
 
@@ -245,6 +259,7 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
         is the per-target-token mean (or the sum divided by num_items_in_batch, for exact global means across
         data-parallel ranks and accumulation steps).
         """
+        past_key_values = past_key_values if past_key_values is not None else cache
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
         hidden = out.last_hidden_state
         cfg = self.config
@@ -257,8 +272,8 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
         if labels is None or return_logits:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep]).float()
-        return OpenMoeCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                     lm_loss=lm_loss, aux_loss=out.aux_loss, router_z_loss=out.z_loss)
+        return OpenMoeCausalLMOutput(loss=loss, logits=logits, lm_loss=lm_loss, aux_loss=out.aux_loss,
+                                     router_z_loss=out.z_loss, **{CACHE_FIELD: out.past_key_values})
 
     def moe_layers(self) -> list[OpenMoeSparseMLP]:
         return [m for m in self.modules() if isinstance(m, OpenMoeSparseMLP)]

@@ -29,7 +29,7 @@ def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int, d
         next_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         generated.append(next_ids)
         mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
-        out = model(input_ids=next_ids, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=next_ids, attention_mask=mask, past_key_values=out.kv_cache, use_cache=True)
     tokens = torch.cat(generated, dim=1).tolist()
     eos = tokenizer.eos_token_id
     texts = []
