@@ -130,3 +130,18 @@ def test_bad_input_gives_one_clear_error(case, tmp_path, earlier_run, tiny_check
     lines = [line for line in err.splitlines() if "error:" in line]
     assert lines and expected.lower() in " ".join(lines).lower(), err[-3000:]
     assert digest(earlier_run) == before  # nothing saved earlier was touched
+
+
+def test_diverging_run_skips_nonfinite_steps_then_stops(tmp_path):
+    # lr inf turns the weights into inf/nan at the first update; every later loss is non-finite.
+    out = tmp_path / "diverge"
+    result = train("--max_steps", "40", "--batch_size", "4", "--lr", "inf", "--warmup_steps", "0",
+                   "--lr_scheduler", "constant", "--max_nonfinite_steps", "3", "--save_interval", "1",
+                   "--save_total_limit", "0", "--log_interval", "1", "--output_path", str(out))
+    assert result.returncode != 0
+    assert "3 consecutive steps had a non-finite loss" in result.stderr and "Traceback" not in result.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("train/skipped_nonfinite", 0) for r in records) == 3
+    steps = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert steps and steps == list(range(1, steps[-1] + 1))  # every good step saved, nothing after the failure
+    assert not list(out.glob(".checkpoint-*.partial")) and not (out / "final").exists()
