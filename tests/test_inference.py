@@ -304,3 +304,20 @@ def test_offloaded_resident_memory_stays_within_the_limit(tmp_path, tokenizer):
         assert offloaded["planned_bytes"].get("cpu", 0) <= limit_mib * 2**20
         assert offloaded["peak_rss_growth_mib"] <= limit_mib + allowance_mib, offloaded
     assert runs["expert_aware"]["device_map"]["model.layers.0.self_attn"] == "cpu"
+
+
+def test_both_scripts_run_a_converted_release_checkpoint(tmp_path, tokenizer, monkeypatch):
+    # A synthetic checkpoint in the Colossal-AI release layout (hpcai-tech/openmoe-*), converted to ours.
+    import test_convert as released
+    from moe_system.model.convert import convert_checkpoint
+    monkeypatch.setitem(released.ARCH, "vocab_size", 1024)  # room for the bundled tokenizer
+    source = released.write_released(tmp_path / "release", "colossal", released.released_torch_tensors())
+    converted = convert_checkpoint(source, tmp_path / "converted")
+    tokenizer.save_pretrained(converted)
+    runs = {}
+    for script, extra in (("infer.py", []), ("infer_multi_device.py", ["--max_memory", "cpu=1KiB"])):
+        result = run_script(script, "--model", converted, "--prompt", PROMPTS[0], *GREEDY, *extra,
+                            "--output", tmp_path / f"{script}.jsonl")
+        assert result.returncode == 0, result.stderr
+        runs[script] = records(tmp_path / f"{script}.jsonl")[0]["token_ids"]
+    assert runs["infer.py"] == runs["infer_multi_device.py"] and len(runs["infer.py"]) > 0
