@@ -68,3 +68,18 @@ def test_resume_with_nothing_to_resume_is_a_clear_error(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "no checkpoint-STEP directory" in out.stderr
+
+
+def test_resume_into_another_layout_is_refused_and_the_weights_load_anywhere(tmp_path):
+    out = tmp_path / "ep2"
+    first = subprocess.run(command(2, out, "--max_steps", "4"), cwd=ROOT, env=env(), capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = subprocess.run(command(1, out, "--resume", "latest"), cwd=ROOT, env=env(), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode != 0 and "Traceback" not in resumed.stderr
+    assert "resume with the same layout" in resumed.stderr
+    weights = out / "checkpoint-4" / "model"
+    fresh = subprocess.run(command(1, tmp_path / "ep1", "--load_checkpoint", str(weights)), cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]

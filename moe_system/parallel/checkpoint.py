@@ -34,6 +34,8 @@ from colossalai.checkpoint_io.utils import (
 from colossalai.interface import ModelWrapper, OptimizerWrapper
 from colossalai.tensor.moe_tensor.api import is_moe_tensor
 
+from ..model.convert import CheckpointError
+
 OPTIMIZER_LAYOUT_FILE = "layout.json"
 
 
@@ -141,7 +143,7 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
                     first = dist.get_rank(group) * local
                     tensor = tensor[first:first + local]
                 if tensor.shape != param.shape:
-                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit "
+                    raise CheckpointError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit "
                                      f"{tuple(param.shape)}")
                 param.copy_(tensor.to(param.dtype))
         if missing:
@@ -202,8 +204,10 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
         with open(directory / OPTIMIZER_LAYOUT_FILE) as f:
             saved = json.load(f)
         if saved != self._layout_record():
-            raise ValueError(f"optimizer state was saved under layout {saved}, this run is {self._layout_record()}; "
-                             f"resume with the same layout (model weights load into any layout)")
+            raise CheckpointError(
+                f"optimizer state was saved under layout {saved}, this run is {self._layout_record()}; resume "
+                f"with the same layout, or start a new run from the weights alone with --load_checkpoint "
+                f"{directory.parent / 'model'} (model weights load into any layout)")
         state = torch.load(directory / f"rank{dist.get_rank():05d}.pt", map_location="cpu", weights_only=False)
         optimizer.optim.load_state_dict(state["optim"])
         with torch.no_grad():  # call after booster.load_model, which resets masters from the working weights
