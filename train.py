@@ -12,7 +12,8 @@ from moe_system.training.args import parse_args
 from moe_system.training.loop import NonFiniteLossError, train
 
 # Problems with what the user gave us: one clear line, no traceback, non-zero exit.
-USER_ERRORS = (DataError, CheckpointError, LayoutError, NonFiniteLossError, FileNotFoundError, PermissionError)
+USER_ERRORS = (DataError, CheckpointError, LayoutError, NonFiniteLossError, FileNotFoundError, PermissionError,
+               ImportError)
 
 if __name__ == "__main__":
     try:

@@ -40,3 +40,23 @@ def test_flops_per_token_matches_the_published_estimate():
     assert 2.0e9 < flops < 2.3e9
     head = 6 * cfg.vocab_size * cfg.hidden_size
     assert 0.5 < head / flops < 0.62
+
+
+def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
+    from moe_system.training.metrics import MetricsLogger
+    import json
+    logger = MetricsLogger(str(tmp_path), enabled=True)
+    logger.log(3, {"train/lm_loss": 1.5, "note": "text is kept in jsonl only"})
+    logger.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "train/lm_loss": 1.5,
+                                                                    "note": "text is kept in jsonl only"}
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_wandb_is_optional_and_asked_for_explicitly(tmp_path, monkeypatch):
+    import sys
+    from moe_system.training.metrics import MetricsLogger
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    MetricsLogger(str(tmp_path), enabled=True).close()  # not asked for: fine
+    with pytest.raises(ImportError, match="pip install wandb"):
+        MetricsLogger(str(tmp_path), enabled=True, wandb_project="p")

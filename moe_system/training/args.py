@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_interval", type=int, default=10, help="steps between metric records")
     g.add_argument("--eval_interval", type=int, default=0, help="steps between evaluations (0: at the end only)")
     g.add_argument("--eval_samples", type=int, default=200, help="held-out examples used for exact match")
+    g.add_argument("--wandb_project", default=None, help="also log to Weights & Biases (needs `pip install wandb`)")
     g.add_argument("--peak_tflops", type=float, default=None,
                    help="per-device peak for MFU (default: 989 on H100-class GPUs, none on CPU)")
     return p

@@ -135,7 +135,7 @@ def train(args) -> dict:
         state = load_checkpoint(booster, model, optimizer, scheduler, resume_from)
         step, skipped = state["step"], state["skipped_steps"]
 
-    logger = MetricsLogger(args.output_path, enabled=is_main)
+    logger = MetricsLogger(args.output_path, enabled=is_main, wandb_project=args.wandb_project, run_config=vars(args))
     if is_main:
         os.makedirs(args.output_path, exist_ok=True)
         with open(os.path.join(args.output_path, "args.json"), "w") as f:

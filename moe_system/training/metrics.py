@@ -56,12 +56,20 @@ def format_load(stats: dict) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True):
+    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True, wandb_project: str | None = None,
+                 run_config: dict | None = None):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
+        self.wandb = None
         if not enabled:
             return
+        if wandb_project:  # optional: only when asked for, and only if installed (WANDB_MODE=offline works)
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("--wandb_project needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=wandb_project, dir=output_dir, config=run_config)
         os.makedirs(output_dir, exist_ok=True)
         self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
         if tensorboard:
@@ -74,13 +82,17 @@ class MetricsLogger:
         values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
