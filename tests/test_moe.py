@@ -163,3 +163,19 @@ def test_expert_init_scale():
         moe = layer(expert_init_scale=scale)
         assert abs(moe.experts.wi_up.std().item() - (scale / 128) ** 0.5) < 0.05 * (scale / 128) ** 0.5
         assert abs(moe.experts.wo.std().item() - (scale / 256) ** 0.5) < 0.05 * (scale / 256) ** 0.5
+
+
+def test_autocast_keeps_the_router_in_fp32_and_the_experts_on_grouped_gemm(monkeypatch):
+    import moe_system.moe.experts as experts
+    moe = layer().train()
+    x = torch.randn(2, 16, 128)
+    used = []
+    real = experts._grouped
+    monkeypatch.setattr(experts, "_grouped", lambda *a: used.append(a[0].dtype) or real(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, aux, z = moe(x)
+        routing = route(x.view(-1, 128), moe.gate_weight, 2)
+    assert used and set(used) == {torch.bfloat16}          # grouped GEMM in the autocast dtype, not the loop
+    torch.testing.assert_close(routing.weights, route(x.view(-1, 128), moe.gate_weight, 2).weights)  # fp32 router
+    ref, _, _ = layer().train()(x)
+    torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)

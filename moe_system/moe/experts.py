@@ -42,6 +42,11 @@ def _per_expert(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> tor
 def expert_ffn(x: torch.Tensor, counts: torch.Tensor, wi_gate: torch.Tensor, wi_up: torch.Tensor,
                wo: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Rows x [N, H], sorted so that expert e owns the next counts[e] rows, through each row's expert -> [N, H]."""
+    if torch.is_autocast_enabled(x.device.type):
+        # Do what autocast does for a matmul (it does not cover torch._grouped_mm): compute in its dtype. Without
+        # this, bf16 activations meet fp32 weights and grouped GEMM would be skipped for the per-expert loop.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, wi_gate, wi_up, wo = (t.to(dtype) for t in (x, wi_gate, wi_up, wo))
     if impl == "auto":
         impl = "grouped_mm" if grouped_mm_supported(x, wi_gate) and grouped_mm_supported(x, wo) else "loop"
     if impl == "grouped_mm":

@@ -31,7 +31,9 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, *, noise: str 
         x, gate_weight = x.float(), gate_weight.float()
     if training and noise == "jitter":  # Switch Transformer: multiplicative noise on the router input
         x = x * torch.empty_like(x).uniform_(0.99, 1.01)
-    logits = F.linear(x, gate_weight)
+    # Under autocast F.linear would run in bf16 whatever its inputs; fp32 routing has to opt out explicitly.
+    with torch.autocast(x.device.type, enabled=torch.is_autocast_enabled(x.device.type) and not fp32):
+        logits = F.linear(x, gate_weight)
     if training and noise == "gaussian":  # noisy top-k with std 1/E, as in the reference's "Gaussian" policy
         logits = logits + torch.randn_like(logits) / num_experts
     logits = logits.float()  # softmax and z-loss in fp32 even when the matmul was not
