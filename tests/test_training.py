@@ -60,3 +60,31 @@ def test_wandb_is_optional_and_asked_for_explicitly(tmp_path, monkeypatch):
     MetricsLogger(str(tmp_path), enabled=True).close()  # not asked for: fine
     with pytest.raises(ImportError, match="pip install wandb"):
         MetricsLogger(str(tmp_path), enabled=True, wandb_project="p")
+
+
+def test_router_options_and_synthetic_data_under_expert_parallelism(tmp_path):
+    """Two processes, ep=2: random-token batches, jitter noise and aux-loss-free balancing train, and the learned
+    selection bias is saved with the model (the same on every rank: counts are summed over data-parallel ranks)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    import moe_system.model  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           "--dataset", "synthetic", "--router_bias_update_rate", "0.01", "--router_noise", "jitter",
+           "--max_steps", "3", "--batch_size", "4", "--max_length", "16", "--output_path", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    biases = [layer.mlp.expert_bias for layer in model.model.layers if layer.is_moe]
+    assert biases and all(b.abs().sum() > 0 for b in biases)
+    for b in biases:  # three updates of +-0.01 each
+        assert torch.allclose((b / 0.01).round() * 0.01, b, atol=1e-6) and b.abs().max() <= 0.03 + 1e-6
+    assert model.config.router_noise == "jitter" and model.config.router_bias_update_rate == 0.01
