@@ -49,10 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="bundled",
                    help="'bundled', 'bundled-text', 'synthetic' (random tokens, for throughput), a local "
-                   ".jsonl/.json/.parquet/.txt file or dir, or a hub dataset name")
+                   ".jsonl/.json/.parquet/.txt file or dir, or a hub dataset name; a weighted mix as "
+                   "comma-separated source:weight, e.g. bundled-text:0.7,data/other.jsonl:0.3")
     g.add_argument("--task_name", default=None, help="hub dataset config, e.g. super_natural_instructions")
-    g.add_argument("--eval_dataset", default=None, help="held-out data (default: the bundled held-out split "
-                   "when training on bundled data)")
+    g.add_argument("--eval_dataset", default=None, help="held-out data, or several comma-separated, each "
+                   "reported as eval/<name>/loss and /perplexity (default: the bundled held-out split when "
+                   "training on bundled data)")
+    g.add_argument("--objective", default="lm", choices=["lm", "ul2"],
+                   help="lm: next-token loss on text (on completions for prompt/completion records); ul2: "
+                   "OpenMoE's prefix-LM + span-corruption mix on text (prompt+completion used as one text)")
+    g.add_argument("--ul2_weights", default=None, help="with --objective ul2: comma-separated name=weight, names "
+                   "lm, prefix, span_<mean span>_<rate> (default: OpenMoE's prefix=0.5 and span_3_0.15, "
+                   "span_8_0.15, span_3_0.5, span_8_0.5, span_64_0.5 at 0.1 each)")
     g.add_argument("--tokenizer", default=None, help="tokenizer dir or sentencepiece .model (default: bundled)")
     g.add_argument("--max_length", type=int, default=None, help="tokens per row (default: per preset)")
     g.add_argument("--packing", default="pad", choices=["pad", "pack"], help="one example per row, or packed")
@@ -117,6 +125,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PRESET_DEFAULTS[args.model_name].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.objective == "ul2" and args.packing == "pack":
+        parser.error("--objective ul2 builds one example per row; drop --packing pack")
+    if args.ul2_weights and args.objective != "ul2":
+        parser.error("--ul2_weights applies to --objective ul2 only")
     if args.resume and args.load_checkpoint:
         parser.error("--resume restores the model it saved; --load_checkpoint would be ignored. Pass one of them")
     if args.output_path is None:

@@ -15,7 +15,9 @@ from colossalai.booster import Booster
 from tqdm import tqdm
 
 from ..data import build_dataset, load_records, load_tokenizer
+from ..data.mixture import MixtureRows, SourceTokenCounter, parse_sources, source_label
 from ..data.synthetic import SyntheticTokens
+from ..data.ul2 import OPENMOE_UL2_WEIGHTS, UL2Rows
 from ..model import OpenMoeConfig, OpenMoeForCausalLM
 from ..model.convert import checkpoint_config, load_any_checkpoint
 from ..moe.balancing import update_expert_bias
@@ -101,14 +103,16 @@ def train(args) -> dict:
     resume_from = resolve_resume(args.resume, args.output_path) if args.resume else None
 
     tokenizer = load_tokenizer(args.tokenizer, vocab_size=config.vocab_size)
-    if args.dataset == "synthetic":
-        dataset = SyntheticTokens(config.vocab_size, args.max_length, seed=args.seed)
-    else:
-        train_records = load_records(args.dataset, args.task_name, "train", skip_malformed=args.skip_malformed)
-        dataset = build_dataset(train_records, tokenizer, args.max_length, mode=args.packing,
-                                mask_prompt=args.mask_prompt)
-    eval_source = args.eval_dataset or ("bundled" if args.dataset == "bundled" else None)
-    eval_records = load_records(eval_source, None, "heldout") if eval_source else []
+    sources = parse_sources(args.dataset)
+    datasets = [build_train_source(args, name, tokenizer, config) for name, _ in sources]
+    dataset, token_counter = datasets[0], None
+    if len(sources) > 1:  # a weighted mix: rows carry their source, whose token counts are logged
+        labels = [source_label(name) for name, _ in sources]
+        dataset = MixtureRows(datasets, [weight for _, weight in sources], seed=args.seed, labels=labels)
+        token_counter = SourceTokenCounter(labels)
+    eval_sources = args.eval_dataset.split(",") if args.eval_dataset else (["bundled"] if args.dataset == "bundled"
+                                                                           else [])
+    eval_records = {name: load_records(name, None, "heldout") for name in eval_sources}  # {set name: records}
 
     model = build_model(args, config)
     if args.gradient_checkpointing:
@@ -169,6 +173,9 @@ def train(args) -> dict:
                                                   plugin.pp_group, device)
             else:
                 parts = forward_backward(booster, model, optimizer, micro_batches, plugin.dp_group, device)
+            if token_counter:
+                for micro_batch in micro_batches:
+                    token_counter.update(micro_batch)
             loss = parts["lm_loss"].item()  # identical on every rank, so every rank takes the same branch
             if not torch.isfinite(parts["lm_loss"] + parts["aux_loss"] + parts["router_z_loss"]):
                 optimizer.zero_grad()
@@ -201,7 +208,7 @@ def train(args) -> dict:
                           "train/router_z_loss": parts["router_z_loss"], "lr": scheduler.get_last_lr()[0],
                           "perf/target_tokens_per_s": tokens_per_s,
                           "perf/tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
-                          **load_meter.stats()}
+                          **load_meter.stats(), **(token_counter.stats(plugin.dp_group) if token_counter else {})}
                 if peak:
                     record["perf/mfu"] = record["perf/tokens_per_s"] * flops_per_token / (peak * 1e12 * layout.world)
                 if torch.cuda.is_available():
@@ -241,7 +248,29 @@ def train(args) -> dict:
     return summary
 
 
-def run_eval(model, tokenizer, records, args, device) -> dict:
+def build_train_source(args, name: str, tokenizer, config):
+    """One training data set: random tokens, UL2 examples (--objective ul2) or next-token rows."""
+    if name == "synthetic":
+        return SyntheticTokens(config.vocab_size, args.max_length, seed=args.seed)
+    records = load_records(name, args.task_name, "train", skip_malformed=args.skip_malformed)
+    if args.objective == "ul2":
+        return UL2Rows(records, tokenizer, args.max_length, args.ul2_weights or OPENMOE_UL2_WEIGHTS, seed=args.seed)
+    return build_dataset(records, tokenizer, args.max_length, mode=args.packing, mask_prompt=args.mask_prompt)
+
+
+def run_eval(model, tokenizer, eval_sets: dict, args, device) -> dict:
+    """Held-out loss/perplexity (and exact match for prompt/completion sets) of each set; one set keeps the plain
+    eval/... names, several are reported as eval/<set>/..."""
+    if len(eval_sets) == 1:
+        return eval_one_set(model, tokenizer, next(iter(eval_sets.values())), args, device)
+    results = {}
+    for name, records in eval_sets.items():
+        for key, value in eval_one_set(model, tokenizer, records, args, device).items():
+            results[key.replace("eval/", f"eval/{source_label(name)}/", 1)] = value
+    return results
+
+
+def eval_one_set(model, tokenizer, records, args, device) -> dict:
     subset = records[:args.eval_samples]
     rows = build_dataset(subset, tokenizer, args.max_length, mode="pad", on_overlong="truncate")
     batches = torch.utils.data.DataLoader(rows, batch_size=64)
