@@ -2,7 +2,8 @@
 
 Usage: torchrun --nproc_per_node N tests/dist_parity.py OUT_DIR CASE_JSON [CASE_JSON ...]
 Each case is a dict: plugin, zero, precision, extra_dp_size / pp, dp, ep, microbatch, dispatch, starve,
-optimizer, max_norm, name; optionally save (a directory for booster.save_model).
+optimizer, max_norm, name; optionally save (a directory for booster.save_model), overlap (--comm_overlap
+with that many chunks).
 Several cases share one process group (launching costs more than a case on 2 CPU cores).
 """
 
@@ -38,7 +39,8 @@ def boosted(case: dict, config):
     args = Namespace(plugin=case["plugin"], zero_stage=case["zero"], precision=case["precision"],
                      extra_dp_size=case.get("extra_dp_size", 1), pp_size=case.get("pp", 1),
                      dp_size=case.get("moe_dp", 1), ep_size=case.get("ep", 1), microbatch_size=case.get("microbatch"),
-                     max_grad_norm=case.get("max_norm", 1e9), seed=1, batch_size=None)
+                     max_grad_norm=case.get("max_norm", 1e9), seed=1, batch_size=None,
+                     comm_overlap=bool(case.get("overlap")), comm_overlap_chunks=case.get("overlap") or 4)
     plugin, layout = build_plugin(args, config)
     booster = Booster(plugin=plugin)
     model = make_model(config, case.get("starve", False))
@@ -100,7 +102,10 @@ def run_case(case: dict, out_dir: str) -> None:
         booster.save_model(model, case["save"] + ".safetensors", shard=False, use_safetensors=True)
     if dist.get_rank() == 0:
         merged = {k: v.float() for s in stages for k, v in s.items()}
-        torch.save({"losses": losses, "norms": norms, "state": merged, "layout": layout.describe()},
+        chunks = sorted({layer.overlap_chunks for layer in model.unwrap().moe_layers()
+                         if hasattr(layer, "overlap_chunks")})
+        torch.save({"losses": losses, "norms": norms, "state": merged, "layout": layout.describe(),
+                    "overlap_chunks": chunks},
                    os.path.join(out_dir, f"{case['name']}.pt"))
     dist.barrier()
 

@@ -111,9 +111,13 @@ def case_nothing_to_resume(tmp):
     return ["--resume", "latest"], "no checkpoint-STEP"
 
 
+def case_streaming_a_hub_dataset(tmp):
+    return ["--streaming", "--dataset", "yizhongw/self_instruct"], "drop --streaming"
+
+
 CASES = [case_corrupt_line, case_empty_file, case_overlong_sequence, case_tokenizer_bigger_than_vocab,
          case_missing_shard, case_mismatched_shapes, case_unwritable_output, case_conflicting_flags,
-         case_impossible_layout, case_nothing_to_resume]
+         case_impossible_layout, case_nothing_to_resume, case_streaming_a_hub_dataset]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__.removeprefix("case_"))

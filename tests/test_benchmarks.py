@@ -53,6 +53,38 @@ def router_permute(tmp_path_factory):
     return run_smoke("router_permute", tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def comm_overlap(tmp_path_factory):
+    return run_smoke("comm_overlap", tmp_path_factory)
+
+
+def test_comm_overlap_smoke(comm_overlap):
+    check_environment(comm_overlap, "comm_overlap")
+    assert comm_overlap["processes"] == 2 and comm_overlap["backend"] == "gloo"
+    cases = {c["scenario"]: c for c in comm_overlap["cases"]}
+    assert set(cases) == {"real", "both"}
+    for case in cases.values():
+        results = case["results"]
+        assert set(results) == {"1", "4"}  # without overlap, and 4 chunks
+        for r in results.values():
+            assert r["status"] == "ok", r
+            assert max(r["check"]["max_rel_diff"].values()) <= r["check"]["tolerance"]
+            for key in ("forward_ms", "backward_ms", "total_ms"):
+                assert finite(r[key]) and r[key] > 0
+        assert all(finite(results["4"][f"{k}_ratio"]) for k in ("forward", "backward", "total"))
+    both = cases["both"]
+    assert both["injected"]["link_ms_forward"] > 0 and both["injected"]["experts_ms_backward"] > 0
+    # Sleeps dominate there (26 ms of link per pass, 10 + 20 ms of experts): overlap must show on the clock.
+    assert both["results"]["4"]["total_ratio"] < 0.95, both["results"]
+    events = [what for _, what in both["backward_trace_rank0"]["events"]]
+    launches = [i for i, what in enumerate(events) if what.startswith("launch")]
+    experts = [i for i, what in enumerate(events) if what.startswith("expert backward start")]
+    assert len(launches) == 8 and len(experts) == 4
+    # The backward overlaps: a gradient exchange is launched before the last chunk's expert backward starts
+    # and completes after it.
+    assert launches[1] < experts[0] and any(what.startswith("done") for what in events[experts[-1]:])
+
+
 def test_moe_layer_smoke(moe_layer):
     check_environment(moe_layer, "moe_layer")
     assert "24*T*k*H*I" in moe_layer["flop_formula"]["openmoe_expert"]

@@ -1,6 +1,7 @@
 """Kill a training run with SIGKILL mid-way, resume it, and land on exactly the parameters of a run that was
 never interrupted (fp32 on CPU: every operation is deterministic, so bit-exact is the right bar)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from moe_system.training.checkpoint import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--max_steps", "12", "--save_interval", "4", "--log_interval", "4", "--batch_size", "8",
@@ -83,3 +86,37 @@ def test_resume_into_another_layout_is_refused_and_the_weights_load_anywhere(tmp
     fresh = subprocess.run(command(1, tmp_path / "ep1", "--load_checkpoint", str(weights)), cwd=ROOT, env=env(),
                            capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_and_resumes_bit_exact(tmp_path):
+    """SIGKILL in the middle of writing checkpoint-8 (model and optimizer written, not yet published): the
+    .checkpoint-8.partial leftover is no checkpoint, --resume latest takes checkpoint-4, and the run ends with the
+    weights of an uninterrupted one. A two-source mix: the per-source token counts continue across the resume."""
+    mix = ("--dataset", "bundled:0.5,bundled-text:0.5", "--packing", "pack", "--log_interval", "1")
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    subprocess.run(command(1, straight, *mix), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=300)
+
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "fault_launcher.py"), *command(1, broken, *mix)[2:]],
+                            cwd=ROOT, env={**env(), "FAULT_KILL_IN_SAVE": "2"}, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    partial = broken / ".checkpoint-8.partial"
+    assert list((partial / "model").glob("*.safetensors")) and (partial / "optimizer").is_dir()
+    assert not (partial / "trainer_state.json").exists() and not (broken / "checkpoint-8").exists()
+    assert list_checkpoints(str(broken)) == [(4, str(broken / "checkpoint-4"))]
+
+    resumed = subprocess.run(command(1, broken, *mix, "--resume", "latest"), cwd=ROOT, env=env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at step 4 from {broken / 'checkpoint-4'}" in resumed.stdout
+    assert not partial.exists() and [s for s, _ in list_checkpoints(str(broken))] == [4, 8, 12]
+
+    a, b = final_weights(straight), final_weights(broken)
+    assert a.keys() == b.keys() and all((a[key] == b[key]).all() for key in a)
+
+    def token_counts(run: Path) -> dict:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        last = [r for r in records if "data/bundled/tokens" in r][-1]
+        return {k: v for k, v in last.items() if k.startswith("data/")} | {"step": last["step"]}
+
+    assert token_counts(straight) == token_counts(broken)
+    assert token_counts(broken)["step"] == 12 and token_counts(broken)["data/bundled-text/tokens"] > 0

@@ -8,7 +8,7 @@ from moe_system.training.flops import train_flops_per_token
 from moe_system.training.schedule import lr_multiplier
 
 
-@pytest.mark.parametrize("flag", ["--load_balance", "--comm_overlap", "--hierarchical_alltoall"])
+@pytest.mark.parametrize("flag", ["--hierarchical_alltoall"])
 def test_features_not_landed_are_refused_not_ignored(flag, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args([flag])

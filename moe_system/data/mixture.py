@@ -14,7 +14,8 @@ ResumableDistributedSampler resumes it at the exact sample. Each source is read 
 repeats after a full pass (an upweighted small source is cycled, a downweighted large one partly used per epoch).
 
 StreamingRows reads a .jsonl/.txt file lazily for data that does not fit in memory: records are sharded by rank
-(record r goes to rank r % world), and a resumed run skips the rows this rank already consumed.
+(record r goes to rank r % world), and a resumed run skips the rows this rank already consumed. train.py
+--streaming uses it over one file or a directory of them (`streaming_files`), sharded by data-parallel rank.
 """
 
 import json
@@ -100,11 +101,32 @@ class SourceTokenCounter:
         self.counts[1] += torch.bincount(source, weights=(batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).double(),
                                          minlength=n)
 
-    def stats(self, group=None) -> dict:
-        """Collective when the group has several ranks: every rank of it must call it at the same step."""
+    def total(self, group=None) -> torch.Tensor:
+        """Counts summed over the group's ranks. Collective: every rank of it must call it at the same step."""
         counts = self.counts.clone()
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(counts, group=group)
+        return counts
+
+    def state_dict(self, group=None) -> dict:
+        """The group's summed counts, for a checkpoint (JSON-able). Collective, as total()."""
+        counts = self.total(group)
+        return {"labels": list(self.labels), "tokens": counts[0].tolist(), "target_tokens": counts[1].tolist()}
+
+    def load_state_dict(self, state: dict, group=None) -> None:
+        """Restores saved totals: the group's first rank holds them, the others start from zero, so the summed
+        counts continue where they were (under any number of ranks). Sources are matched by label."""
+        self.counts.zero_()
+        if group is not None and dist.get_world_size(group) > 1 and dist.get_rank(group) != 0:
+            return
+        for saved, label in enumerate(state["labels"]):
+            if label in self.labels:
+                i = self.labels.index(label)
+                self.counts[0, i], self.counts[1, i] = state["tokens"][saved], state["target_tokens"][saved]
+
+    def stats(self, group=None) -> dict:
+        """Collective when the group has several ranks: every rank of it must call it at the same step."""
+        counts = self.total(group)
         result = {}
         for i, label in enumerate(self.labels):
             result[f"data/{label}/tokens"] = counts[0, i].item()
@@ -117,11 +139,13 @@ class StreamingRows(torch.utils.data.IterableDataset):
 
     Record r of the files (counting across them in order) belongs to rank r % world_size, so ranks never see the
     same record; skip_rows drops this rank's first rows (a resumed run passes the rows it already consumed). With
-    repeat=True the files are read again and again (an endless stream for step-bounded runs).
+    repeat=True the files are read again and again (an endless stream for step-bounded runs). A malformed record
+    raises, or with skip_malformed is dropped (deterministically, so skip_rows still lands on the same row).
     """
 
     def __init__(self, paths: list[str], tokenizer, max_length: int, *, rank: int | None = None,
-                 world_size: int | None = None, skip_rows: int = 0, mask_prompt: bool = True, repeat: bool = False):
+                 world_size: int | None = None, skip_rows: int = 0, mask_prompt: bool = True, repeat: bool = False,
+                 skip_malformed: bool = False):
         for path in paths:
             if not path.endswith((".jsonl", ".txt")):
                 raise DataError(f"{path}: streaming reads .jsonl or .txt files")
@@ -132,7 +156,20 @@ class StreamingRows(torch.utils.data.IterableDataset):
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
         self.paths, self.tokenizer, self.max_length = paths, tokenizer, max_length
         self.skip_rows, self.mask_prompt, self.repeat = skip_rows, mask_prompt, repeat
+        self.skip_malformed = skip_malformed
         self.pad_id, _ = special_ids(tokenizer)
+
+    def check_every_rank_has_rows(self) -> None:
+        """Raises unless the files hold a record for every rank; reads only the first world_size records."""
+        found = 0
+        for path in self.paths:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    found += bool(line.strip())
+                    if found >= self.world_size:
+                        return
+        raise DataError(f"{', '.join(self.paths)}: {found} record(s) for {self.world_size} data-parallel ranks; "
+                        f"streaming needs at least one record per rank")
 
     def records(self):
         """This rank's records, one at a time (a line is parsed only when its turn comes)."""
@@ -154,7 +191,10 @@ class StreamingRows(torch.utils.data.IterableDataset):
                     except json.JSONDecodeError:
                         record = None
                     if record is None:
-                        raise DataError(f"{path}: malformed record in line {line[:80]!r}")
+                        if self.skip_malformed:
+                            continue
+                        raise DataError(f"{path}: malformed record in line {line[:80]!r}; fix it or pass "
+                                        f"--skip_malformed to skip it")
                     yield record
 
     def __iter__(self):
@@ -175,3 +215,16 @@ class StreamingRows(torch.utils.data.IterableDataset):
                        "labels": torch.tensor(labels + [IGNORE_INDEX] * padding)}
             if not self.repeat or produced == 0:
                 return
+
+
+def streaming_files(spec: str) -> list[str]:
+    """--streaming's --dataset: one .jsonl/.txt file, or a directory whose .jsonl/.txt files are read in name order."""
+    if os.path.isdir(spec):
+        files = sorted(os.path.join(spec, name) for name in os.listdir(spec) if name.endswith((".jsonl", ".txt")))
+        if not files:
+            raise DataError(f"--streaming: directory {spec!r} holds no .jsonl or .txt file")
+        return files
+    if not os.path.isfile(spec) or not spec.endswith((".jsonl", ".txt")):
+        raise DataError(f"--streaming reads a local .jsonl or .txt file or a directory of them; --dataset {spec!r} "
+                        f"is not one (built-in, hub, .json and .parquet data sets load into memory: drop --streaming)")
+    return [spec]

@@ -1,41 +1,100 @@
-"""Differentiable all-to-all for expert parallelism, and a gradient scale for expert weights.
+"""Differentiable all-to-all for expert parallelism, split into launch and wait so that it can overlap compute.
 
 The backward of an all-to-all is the same all-to-all with send and receive sizes swapped: every row's
 gradient travels back to the rank that sent the row.
+
+An exchange is two autograd nodes sharing a `Ticket`: `launch` starts an asynchronous all_to_all_single and
+returns its receive buffer, not yet filled; `wait` waits for it and passes the buffer on. Whatever runs
+between the two (another chunk's experts) overlaps the transfer. In backward the roles swap: `wait`'s backward
+launches the reverse exchange of the gradient and `launch`'s backward waits for it and returns it, so the
+gradient exchange overlaps whatever the autograd engine runs between those two nodes (moe/expert_parallel.py
+orders the graph so that this is the expert backward of a neighbouring chunk). Every rank must build the same
+graph: collectives are matched by the order in which ranks issue them.
 """
 
 import torch
 import torch.distributed as dist
 
 
-def _exchange(x: torch.Tensor, recv_splits: list[int] | None, send_splits: list[int] | None, group) -> torch.Tensor:
-    rows = x.shape[0] if recv_splits is None else sum(recv_splits)
-    out = x.new_empty((rows, *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
-    return out
+class Ticket:
+    """One all-to-all of rows: recv_splits[j] rows come from rank j, send_splits[j] go to it (None: equal parts).
+    Holds the collective in flight and its send buffer, which must stay alive until the collective completes."""
+
+    def __init__(self, group, recv_splits: list[int] | None = None, send_splits: list[int] | None = None):
+        self.group, self.recv_splits, self.send_splits = group, recv_splits, send_splits
+        self._work = self._sent = self._received = None
+
+    def start(self, x: torch.Tensor, recv_splits, send_splits) -> torch.Tensor:
+        if self._work is not None:
+            raise RuntimeError("this exchange is already in flight")
+        self._sent = x.contiguous()
+        rows = self._sent.shape[0] if recv_splits is None else sum(recv_splits)
+        out = self._sent.new_empty((rows, *self._sent.shape[1:]))
+        self._work = dist.all_to_all_single(out, self._sent, recv_splits, send_splits, group=self.group,
+                                            async_op=True)
+        self._received = out
+        return out
+
+    def wait(self) -> torch.Tensor:
+        """Wait for the exchange in flight; returns its receive buffer, now filled."""
+        if self._work is None:
+            raise RuntimeError("no exchange in flight")
+        self._work.wait()
+        received, self._work, self._sent, self._received = self._received, None, None, None
+        return received
 
 
-class _AllToAll(torch.autograd.Function):
+class _Launch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, recv_splits, send_splits, group):
-        ctx.recv_splits, ctx.send_splits, ctx.group = recv_splits, send_splits, group
-        return _exchange(x, recv_splits, send_splits, group)
+    def forward(ctx, x, ticket):
+        ctx.ticket = ticket
+        return ticket.start(x, ticket.recv_splits, ticket.send_splits)
 
     @staticmethod
     def backward(ctx, grad):
-        return _exchange(grad, ctx.send_splits, ctx.recv_splits, ctx.group), None, None, None
+        # `grad` is only the token _Wait.backward passed along the edge; the gradient of x is the reverse
+        # exchange it launched.
+        return ctx.ticket.wait(), None
+
+
+class _Wait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, buffer, ticket):
+        ticket.wait()
+        ctx.ticket = ticket
+        return buffer.view_as(buffer)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ticket = ctx.ticket
+        ticket.start(grad, ticket.send_splits, ticket.recv_splits)
+        # The edge to _Launch carries a tensor of the receive buffer's shape; the exchanged gradient has the
+        # send buffer's and is handed over through the ticket.
+        return grad, None
+
+
+def launch(x: torch.Tensor, ticket: Ticket) -> torch.Tensor:
+    """Start sending rows x [N, ...] (send_splits[j] consecutive rows to rank j); returns the receive buffer,
+    which holds the rows received, grouped by source rank, only after `wait(buffer, ticket)`."""
+    return _Launch.apply(x, ticket)
+
+
+def wait(buffer: torch.Tensor, ticket: Ticket) -> torch.Tensor:
+    """Wait for the exchange `launch` started; returns the filled receive buffer."""
+    return _Wait.apply(buffer, ticket)
 
 
 def all_to_all(x: torch.Tensor, group, recv_splits: list[int] | None = None,
                send_splits: list[int] | None = None) -> torch.Tensor:
     """Rows x [N, ...]: send_splits[j] consecutive rows go to rank j; returns the rows received, grouped by
     source rank (recv_splits[j] from rank j). Without splits, every rank sends and receives equal parts."""
-    return _AllToAll.apply(x, recv_splits, send_splits, group)
+    ticket = Ticket(group, recv_splits, send_splits)
+    return wait(launch(x, ticket), ticket)
 
 
 def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
-    """counts [ep * E_local] rows this rank sends to each expert -> [ep * E_local] rows each source rank sends
-    to each of this rank's experts (laid out [source, local expert]). Not differentiable: sizes only."""
+    """counts [ep * m]: m counts for each destination rank -> [ep * m]: the m counts each source rank sent to
+    this rank (laid out [source, m]). Not differentiable: sizes only."""
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts.contiguous(), group=group)
     return received

@@ -5,17 +5,18 @@ rank (which routes its own tokens with a replicated gate) applies the same updat
 """
 
 import torch
-import torch.distributed as dist
+
+from .load import ExpertLoadMeter, global_counts
 
 
 @torch.no_grad()
-def update_expert_bias(moe_layers, rate: float, group=None) -> None:
-    layers = [layer for layer in moe_layers if layer.expert_bias is not None]
-    if not layers:
+def update_expert_bias(meter: ExpertLoadMeter, rate: float, group=None) -> None:
+    """meter: an ExpertLoadMeter over the MoE layers, whose window is the steps since the last update."""
+    pairs = [(layer, counts) for layer, counts in zip(meter.layers, meter.counts()) if layer.expert_bias is not None]
+    if not pairs:
         return
-    counts = torch.stack([layer.bias_counts.to(layer.expert_bias.device, torch.float32) for layer in layers])
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(counts, group=group)
-    for layer, layer_counts in zip(layers, counts):
+    counts = global_counts([counts for _, counts in pairs], [group])
+    for (layer, _), layer_counts in zip(pairs, counts):
+        layer_counts = layer_counts.to(layer.expert_bias.device, torch.float32)
         layer.expert_bias += rate * torch.sign(layer_counts.mean() - layer_counts)
-        layer.bias_counts = torch.zeros_like(layer_counts)
+    meter.reset()

@@ -10,6 +10,13 @@ code, so an EP layer computes the same function as OpenMoeSparseMLP.
   elsewhere) and the [E, cap, H] buffer is exchanged with an equal-split all-to-all, as the reference did
   (spec §4.5). Zero rows stay zero through a bias-free SwiGLU expert and add nothing to its gradient, and
   dropped copies have weight 0 in the combine, exactly as on one device.
+* overlap (overlap_chunks = n > 1, --comm_overlap): each expert's block of rows (or slots) is cut into n
+  near-equal parts and chunk j gathers the j-th part of every expert, so a chunk is itself expert-sorted and
+  goes through the same exchange and regrouping as the whole. The chunks are pipelined with asynchronous
+  all-to-alls, in the forward and in the backward (`_pipeline`). Every row meets the same expert weights; only
+  the GEMMs' row counts change, which changes a row's result only where the BLAS picks another kernel for very
+  few rows (outputs and input gradients: bitwise equal, or ~1e-7 relative). Expert weight gradients are summed
+  over chunks in another order (~1e-7 relative).
 
 Gradient semantics. Every rank backpropagates its share of the global-batch loss and the optimizer averages
 dense gradients over all dp = moe_dp * ep data-parallel ranks. An expert's gradient is the sum of the
@@ -21,7 +28,7 @@ import torch
 import torch.distributed as dist
 from colossalai.tensor.moe_tensor.api import set_moe_tensor_ep_group
 
-from .all_to_all import all_to_all, exchange_counts, scale_grad
+from .all_to_all import Ticket, exchange_counts, launch, scale_grad, wait
 from .experts import expert_ffn
 from .layer import OpenMoeSparseMLP
 from .permute import DispatchPlan
@@ -31,15 +38,21 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
     ep_group = None
     ep_size = 1
     ep_rank = 0
+    overlap_chunks = 1
 
     @classmethod
-    def from_native_module(cls, module: OpenMoeSparseMLP, process_group=None, ep_group=None, **kwargs):
+    def from_native_module(cls, module: OpenMoeSparseMLP, process_group=None, ep_group=None, overlap_chunks: int = 1,
+                           **kwargs):
         """Shardformer hook: turn a single-device layer into this rank's EP layer in place (the parameters keep
-        their identity, so an optimizer built before boosting still owns them)."""
+        their identity, so an optimizer built before boosting still owns them). overlap_chunks > 1 pipelines the
+        exchange with the experts in that many chunks (--comm_overlap)."""
+        if overlap_chunks < 1:
+            raise ValueError(f"overlap_chunks must be at least 1, got {overlap_chunks}")
         if not isinstance(module, OpenMoeSparseMLP):
             raise TypeError(f"expected an OpenMoeSparseMLP, got {type(module).__name__}")
         module.__class__ = cls
         module.setup_expert_parallel(ep_group)
+        module.overlap_chunks = overlap_chunks
         return module
 
     def setup_expert_parallel(self, ep_group) -> None:
@@ -58,17 +71,14 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
             set_moe_tensor_ep_group(param, ep_group)
         self.experts.num_experts = self.num_local_experts
 
-    @property
-    def first_local_expert(self) -> int:
-        return self.ep_rank * self.num_local_experts
-
     def _local_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         scale = 1.0 / self.ep_size
         weights = [scale_grad(w, scale) for w in (self.experts.wi_gate, self.experts.wi_up, self.experts.wo)]
         if x.shape[0] > 0:
             return expert_ffn(x, counts, *weights, impl=self.experts.impl)
-        # No token reached any local expert: still give every expert weight a (zero) gradient, so each rank
-        # reduces the same set of gradients in the same order (ZeRO-2 otherwise waits forever).
+        # No row of this exchange (or of this chunk of it) reached a local expert: still give every expert weight
+        # a (zero) gradient, so each rank reduces the same set of gradients in the same order (ZeRO-2 otherwise
+        # waits forever).
         out = expert_ffn(x, counts, *weights, impl="loop")
         return out + sum(w.sum() for w in weights) * 0.0
 
@@ -76,25 +86,22 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
         if self.ep_size == 1:
             return self._local_experts(rows, plan.counts)
         if cap is None:
-            return self._dropless_exchange(rows, plan.counts)
+            return self._dropless_exchange(rows, plan)
         return self._capacity_exchange(rows, plan, cap)
 
-    def _dropless_exchange(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        ep, local = self.ep_size, self.num_local_experts
-        received_counts = exchange_counts(counts, self.ep_group).view(ep, local)   # [source rank, local expert]
-        send_splits = counts.view(ep, local).sum(1).tolist()
-        recv_splits = received_counts.sum(1).tolist()
-        received = all_to_all(rows, self.ep_group, recv_splits, send_splits)     # grouped [source, expert]
-
-        # Regroup expert-major for the grouped GEMM: a stable sort of the rows by (expert, source).
-        chunk_of_row = torch.repeat_interleave(torch.arange(ep * local, device=rows.device),
-                                               received_counts.reshape(-1), output_size=received.shape[0])
-        expert_major_key = (chunk_of_row % local) * ep + chunk_of_row // local
-        order = torch.argsort(expert_major_key, stable=True)
-        out = self._local_experts(received[order], received_counts.sum(0))
-        back = torch.empty_like(order)
-        back[order] = torch.arange(order.numel(), device=order.device)
-        return all_to_all(out[back], self.ep_group, send_splits, recv_splits)
+    def _dropless_exchange(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        ep, local, n = self.ep_size, self.num_local_experts, self.overlap_chunks
+        send = chunk_counts(plan.counts, n).view(n, ep, local)                      # [chunk, destination, expert]
+        # One small synchronous exchange gives every chunk's [source, local expert] counts.
+        received = exchange_counts(send.transpose(0, 1).reshape(-1), self.ep_group)
+        recv = received.view(ep, n, local).transpose(0, 1)                          # [chunk, source, expert]
+        send_splits, recv_splits = torch.stack([send.sum(2), recv.sum(2)]).tolist()  # one host sync
+        # Chunk-major layout: chunk j holds, for every expert, the j-th of n near-equal parts of its block, so each
+        # chunk is itself expert-sorted and is sent exactly like an unchunked exchange.
+        order = None if n == 1 else torch.argsort(plan.rank * n // plan.counts[plan.expert_of_row], stable=True)
+        chunks = [rows] if order is None else rows[order].split([sum(s) for s in send_splits])
+        returned = self._pipeline(chunks, send_splits, recv_splits, lambda j, x: self._grouped_by_source(x, recv[j]))
+        return returned[0] if order is None else torch.cat(returned)[_inverse(order)]
 
     def _capacity_exchange(self, rows: torch.Tensor, plan: DispatchPlan, cap: int) -> torch.Tensor:
         ep, local, hidden = self.ep_size, self.num_local_experts, rows.shape[-1]
@@ -106,14 +113,81 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
         slot_source = torch.full((num_slots + 1,), num_rows, dtype=torch.long, device=rows.device)
         slot_source[torch.where(kept, slot, num_slots)] = torch.arange(num_rows, device=rows.device)
         padded_rows = torch.cat([rows, rows.new_zeros(1, hidden)])
-        buffer = padded_rows[slot_source[:num_slots]]                                # [E * cap, H]
+        buffer = padded_rows[slot_source[:num_slots]].view(self.num_experts, cap, hidden)
 
-        received = all_to_all(buffer, self.ep_group)                                 # [source, local, cap, H]
-        expert_major = received.view(ep, local, cap, hidden).transpose(0, 1).reshape(-1, hidden)
-        counts = torch.full((local,), ep * cap, dtype=torch.long, device=rows.device)
-        out = self._local_experts(expert_major, counts)
-        out = out.view(local, ep, cap, hidden).transpose(0, 1).reshape(-1, hidden)
-        returned = all_to_all(out, self.ep_group)                                    # [E * cap, H]
+        # Chunk j: slots [lo_j, hi_j) of every expert. Sizes are known everywhere: no count exchange, no host sync,
+        # equal splits. More chunks than slots would only add empty exchanges.
+        n = min(self.overlap_chunks, cap)
+        bounds = [(j * cap + n - 1) // n for j in range(n + 1)]
+        chunks = [buffer[:, lo:hi].reshape(-1, hidden) for lo, hi in zip(bounds, bounds[1:])]
+        equal = [None] * n
+
+        def experts(j, received):                                                  # [source, local, size, H]
+            size = bounds[j + 1] - bounds[j]
+            expert_major = received.view(ep, local, size, hidden).transpose(0, 1).reshape(-1, hidden)
+            counts = torch.full((local,), ep * size, dtype=torch.long, device=rows.device)
+            out = self._local_experts(expert_major, counts)
+            return out.view(local, ep, size, hidden).transpose(0, 1).reshape(-1, hidden)
+
+        returned = self._pipeline(chunks, equal, equal, experts)
+        if n > 1:  # chunk j holds slots [lo_j, hi_j) of every expert: put them side by side again
+            returned = [torch.cat([r.view(self.num_experts, -1, hidden) for r in returned], dim=1).view(-1, hidden)]
+        returned = returned[0]                                                       # [E * cap, H]
         # Dropped copies read the zero row: their combine weight is 0 either way.
         padded_out = torch.cat([returned, returned.new_zeros(1, hidden)])
         return padded_out[torch.where(kept, slot, num_slots)]
+
+    def _grouped_by_source(self, received: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows received grouped [source rank, local expert] (counts [ep, local]) through their experts, same layout.
+        The grouped GEMM wants them expert-major: a stable sort by (expert, source), undone afterwards."""
+        ep, local = counts.shape
+        block = torch.repeat_interleave(torch.arange(ep * local, device=received.device), counts.reshape(-1),
+                                        output_size=received.shape[0])
+        order = torch.argsort((block % local) * ep + block // local, stable=True)
+        out = self._local_experts(received[order], counts.sum(0))
+        return out[_inverse(order)]
+
+    def _pipeline(self, chunks, send_splits, recv_splits, experts) -> list[torch.Tensor]:
+        """Send chunks[j] (rows grouped by destination rank, send_splits[j] to each), run experts(j, received) on
+        what arrives (recv_splits[j] rows from each source) and send the results back; returns, per chunk, the
+        rows that came back, in the layout of chunks[j]. With one chunk this is a plain exchange each way.
+
+        Forward, step j: launch dispatch j+1, wait for dispatch j, run chunk j's experts, launch combine j, wait
+        for combine j-1; so dispatch j+1 and combine j-1 are in flight while chunk j computes, and transfers
+        queue in the order A0 A1 B0 A2 B1 A3 B2 B3 (A dispatch, B combine).
+        Backward: the autograd engine runs, among ready nodes, the one created last, so this creation order makes
+        it walk the chunks from last to first as: launch the combine gradients of chunks j and j-1, wait for
+        chunk j's, run its expert backward, launch its dispatch gradient, wait for chunk j+1's dispatch gradient
+        (launched one expert backward earlier), launch chunk j-2's combine gradient, ...: each exchange overlaps
+        a neighbouring chunk's expert backward and the link sees B3 B2 A3 B1 A2 B0 A1 A0 (benchmarks/
+        comm_overlap.py records this order). Every rank builds the same graph (a chunk with no rows still gets
+        its exchanges and a zero-row expert call), so all ranks issue the collectives in the same order.
+        """
+        group, n = self.ep_group, len(chunks)
+        dispatch = [Ticket(group, recv_splits[j], send_splits[j]) for j in range(n)]
+        combine = [Ticket(group, send_splits[j], recv_splits[j]) for j in range(n)]
+        arriving = launch(chunks[0], dispatch[0])
+        leaving, returned = [], []
+        for j in range(n):
+            following = launch(chunks[j + 1], dispatch[j + 1]) if j + 1 < n else None
+            received = wait(arriving, dispatch[j])
+            leaving.append(launch(experts(j, received), combine[j]))
+            if j > 0:
+                returned.append(wait(leaving[j - 1], combine[j - 1]))
+            arriving = following
+        returned.append(wait(leaving[-1], combine[-1]))
+        return returned
+
+
+def chunk_counts(counts: torch.Tensor, chunks: int) -> torch.Tensor:
+    """counts [E] rows per expert -> [chunks, E]: how many rows of each expert's block fall in each chunk.
+    Row r of a block of c rows goes to chunk r * chunks // c: chunk j holds rows [ceil(j*c/n), ceil((j+1)*c/n))."""
+    j = torch.arange(chunks + 1, device=counts.device).unsqueeze(1)
+    bounds = (j * counts + chunks - 1) // chunks
+    return bounds[1:] - bounds[:-1]
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device=order.device)
+    return back

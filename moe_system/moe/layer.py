@@ -29,15 +29,23 @@ class OpenMoeSparseMLP(nn.Module):
         self.router_fp32 = config.router_fp32
         self.gate_weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.intermediate_size)
-        # Detached statistics of the last forward, for logging and load balancing; never read on the hot path.
+        # Detached statistics, in canonical expert order, for logging and load balancing; never read on the hot
+        # path. The last forward's counts, and running totals over training forwards, which load meters read as
+        # differences (load.py), so several readers with different windows never reset each other.
         # Plain attributes rather than buffers, so no checkpoint writer can mistake them for weights.
         self.last_counts = torch.zeros(config.num_experts, dtype=torch.long)
         self.last_dropped = torch.zeros(config.num_experts, dtype=torch.long)
+        # On the CPU even when the model is built on the meta device (loading a checkpoint); moved on first use.
+        self.routed_total = torch.zeros(config.num_experts, dtype=torch.long, device="cpu")
+        self.dropped_total = torch.zeros(config.num_experts, dtype=torch.long, device="cpu")
+        # Where each expert runs: expert e's rows go to physical slot expert_slot[e] (EP rank slot // E_local).
+        # None means slot e; load rebalancing (parallel/rebalance.py) permutes it. The gate and everything
+        # else stays in canonical order, so moving an expert changes where it is computed and nothing else.
+        self.register_buffer("expert_slot", None, persistent=False)
         if config.router_bias_update_rate > 0:
             # Aux-loss-free balancing: a per-expert selection bias, nudged after every optimizer step towards
             # the under-loaded experts (see balancing.py). Persistent: it is part of the trained router.
             self.register_buffer("expert_bias", torch.zeros(config.num_experts))
-            self.bias_counts = torch.zeros(config.num_experts)
         else:
             self.expert_bias = None
 
@@ -61,13 +69,16 @@ class OpenMoeSparseMLP(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         routing = route(x, self.gate_weight, self.top_k, noise=self.router_noise, renormalize=self.router_renormalize,
                         training=self.training, fp32=self.router_fp32, selection_bias=self.expert_bias)
-        plan = DispatchPlan.build(routing.expert_idx, self.num_experts)
+        slots = routing.expert_idx if self.expert_slot is None else self.expert_slot[routing.expert_idx]
+        plan = DispatchPlan.build(slots, self.num_experts)
         cap = self.capacity(x.shape[0])
         rows = self.run_experts(plan.permute(x), plan, cap)
         weights = routing.weights * plan.kept(cap)
         out = plan.combine(rows, weights).to(hidden_states.dtype)
+        dropped = plan.dropped(cap)
         self.last_counts = routing.counts.detach()
-        if self.expert_bias is not None and self.training:
-            self.bias_counts = self.bias_counts.to(routing.counts.device) + routing.counts.detach()
-        self.last_dropped = plan.dropped(cap).detach()
+        self.last_dropped = (dropped if self.expert_slot is None else dropped[self.expert_slot]).detach()
+        if self.training:
+            self.routed_total = self.routed_total.to(x.device) + self.last_counts
+            self.dropped_total = self.dropped_total.to(x.device) + self.last_dropped
         return out.view(shape), routing.aux_loss, routing.z_loss

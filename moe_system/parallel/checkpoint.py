@@ -9,8 +9,11 @@ Upstream (checkpoint_io/moe_checkpoint.py:116-247) writes each EP rank's local [
 same key, so the merged index keeps one rank's experts only; its load (inherited from
 hybrid_parallel_checkpoint_io.py) copies full tensors into local slices.
 
+Experts re-placed by load rebalancing (rebalance.py) are put back in canonical order on save and sliced by the
+current placement on load.
+
 Optimizer: each rank saves its own optimizer state (ZeRO shards, fp32 masters' moments) plus the layout it
-was saved under, and loading requires the same layout. This replaces moe_checkpoint.py:369-515/516-623,
+was saved under and the expert placement, and loading requires the same layout (the placement is restored). This replaces moe_checkpoint.py:369-515/516-623,
 which key expert states by a parameter id shared by all EP ranks (our experts are one stacked tensor per
 layer, so one rank's states would overwrite the others') and call `.cuda()` (moe_checkpoint.py:284, 697, 787).
 """
@@ -35,12 +38,30 @@ from colossalai.interface import ModelWrapper, OptimizerWrapper
 from colossalai.tensor.moe_tensor.api import is_moe_tensor
 
 from ..model.convert import CheckpointError
+from .rebalance import apply_placement, current_placement, expert_parallel_layers
 
 OPTIMIZER_LAYOUT_FILE = "layout.json"
+PLACEMENT_FILE = "expert_placement.json"
 
 
 def _ep_group_of(param):
     return getattr(param, "ep_group", None)
+
+
+def expert_slots(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{expert parameter name: slot of each canonical expert} for layers whose experts were re-placed."""
+    slots = {}
+    for name, module in model.named_modules():
+        if getattr(module, "expert_slot", None) is not None:
+            for param_name, _ in module.experts.named_parameters():
+                slots[f"{name}.experts.{param_name}"] = module.expert_slot.cpu()
+    return slots
+
+
+def placements(model: torch.nn.Module) -> dict[str, list[int]]:
+    """{MoE layer name: slot of each canonical expert} of every re-placed layer."""
+    return {name: module.expert_slot.tolist() for name, module in model.named_modules()
+            if getattr(module, "expert_slot", None) is not None}
 
 
 def canonical_state_dict(model: torch.nn.Module) -> OrderedDict:
@@ -49,6 +70,7 @@ def canonical_state_dict(model: torch.nn.Module) -> OrderedDict:
     Collective over each EP group: every rank of the stage must call it.
     """
     expert_params = {name: p for name, p in model.named_parameters() if is_moe_tensor(p)}
+    slots = expert_slots(model)
     state = OrderedDict()
     for name, tensor in model.state_dict().items():
         param = expert_params.get(name)
@@ -57,7 +79,9 @@ def canonical_state_dict(model: torch.nn.Module) -> OrderedDict:
         if group is not None and dist.get_world_size(group) > 1:
             parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, tensor.contiguous(), group=group)
-            tensor = torch.cat(parts, dim=0)  # EP rank j holds experts [j*E_local, (j+1)*E_local)
+            tensor = torch.cat(parts, dim=0)  # EP rank j holds slots [j*E_local, (j+1)*E_local)
+            if name in slots:  # physical slots -> canonical experts
+                tensor = tensor[slots[name].to(tensor.device)]
         state[name] = tensor.cpu()
     return state
 
@@ -131,6 +155,7 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
     def _load_canonical(self, model: torch.nn.Module, read) -> None:
         """Copy canonical tensors into this rank's parameters, slicing experts by EP rank."""
         missing = []
+        slots = expert_slots(model)
         with torch.no_grad():
             for name, param in model.state_dict(keep_vars=True).items():  # parameters and persistent buffers
                 tensor = read(name)
@@ -141,7 +166,10 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
                 if group is not None and dist.get_world_size(group) > 1:
                     local = param.shape[0]
                     first = dist.get_rank(group) * local
-                    tensor = tensor[first:first + local]
+                    if name in slots:  # the canonical experts that sit in this rank's slots
+                        tensor = tensor[torch.argsort(slots[name])[first:first + local]]
+                    else:
+                        tensor = tensor[first:first + local]
                 if tensor.shape != param.shape:
                     raise CheckpointError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit "
                                      f"{tuple(param.shape)}")
@@ -182,10 +210,15 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
                                prefix: str | None = None, size_per_shard: int = 1024, use_async: bool = False):
         assert isinstance(optimizer, OptimizerWrapper), "boost the optimizer before saving it"
         rank = dist.get_rank()
+        # Per-rank states follow the physical expert placement (rebalance.py); record it to restore it on load.
+        stage_placements = [None] * dist.get_world_size()
+        dist.all_gather_object(stage_placements, placements(optimizer.model.unwrap()))
         if rank == 0:
             os.makedirs(checkpoint, exist_ok=True)
             with open(os.path.join(checkpoint, OPTIMIZER_LAYOUT_FILE), "w") as f:
                 json.dump(self._layout_record(), f)
+            with open(os.path.join(checkpoint, PLACEMENT_FILE), "w") as f:
+                json.dump({k: v for stage in stage_placements for k, v in stage.items()}, f)
         dist.barrier()
         # The fp32 master weights too: the model checkpoint holds bf16/fp16 working weights, and resuming from
         # those alone would round every master weight.
@@ -208,6 +241,7 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
                 f"optimizer state was saved under layout {saved}, this run is {self._layout_record()}; resume "
                 f"with the same layout, or start a new run from the weights alone with --load_checkpoint "
                 f"{directory.parent / 'model'} (model weights load into any layout)")
+        self._restore_placement(optimizer.model.unwrap(), directory / PLACEMENT_FILE)
         state = torch.load(directory / f"rank{dist.get_rank():05d}.pt", map_location="cpu", weights_only=False)
         optimizer.optim.load_state_dict(state["optim"])
         with torch.no_grad():  # call after booster.load_model, which resets masters from the working weights
@@ -217,6 +251,17 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
         mixin = getattr(optimizer, "mixed_precision_mixin", None) or getattr(optimizer, "mixed_precision", None)
         if "grad_scaler" in state and mixin is not None and hasattr(mixin, "grad_scaler"):
             mixin.grad_scaler.load_state_dict(state["grad_scaler"])
+
+    @staticmethod
+    def _restore_placement(model: torch.nn.Module, path: Path) -> None:
+        """Move the working experts (loaded in this run's placement) to the placement the optimizer state was
+        saved in; the masters and states then load as saved."""
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        names = {id(module): name for name, module in model.named_modules()}
+        for _, layer in expert_parallel_layers(model):
+            target = saved.get(names[id(layer)], list(range(layer.num_experts)))
+            if target != current_placement(layer):
+                apply_placement(layer, target)
 
     def load_optimizer(self, optimizer: OptimizerWrapper, checkpoint: str, prefix: str = None,
                        low_cpu_mem_mode: bool = True, num_threads: int = 1):

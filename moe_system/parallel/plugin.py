@@ -16,10 +16,16 @@ it replaces (colossalai 0.5.0, paths under colossalai/):
 * Gradient clipping: low_level_optim.py:572-585 adds the per-group norms linearly and never sums expert norms
   across the EP group; hybrid_parallel_plugin.py:366-375/584-663 never reduce expert norms over EP either.
   `true_grad_norm` computes the global L2 norm of the real gradient.
+* Non-finite gradients: every optimizer's step takes the true global norm (one fused pass, also without
+  clipping) and, when it is inf/nan, skips the inner optimizer's step and clears the gradients, setting
+  `skipped_nonfinite` (the norm is all-reduced, so every rank decides the same). fp16's loss-scale overflow skip
+  is unchanged and reported as `skipped_overflow`; an overflow at the scaler's minimum scale is also
+  `skipped_nonfinite` (no smaller scale can make that gradient finite).
 * Pipeline needs torch.distributed.is_hccl_available (pipeline/p2p.py:159): accelerator.install_cpu_support.
 * Checkpoint IO: checkpoint.py.
 """
 
+import math
 import os
 import socket
 from types import MethodType
@@ -64,9 +70,15 @@ def true_grad_norm(grads_and_experts, dp_group, ep_group, pp_group, sharded: boo
     are equal across DP ranks, expert gradients equal across replicas and distinct across the EP group.
     """
     # On the accelerator: NCCL reduces device tensors only, and a host copy per gradient would sync each time.
-    squares = torch.zeros(2, dtype=torch.float64, device=get_accelerator().get_current_device())
+    device = get_accelerator().get_current_device()
+    squares = torch.zeros(2, dtype=torch.float64, device=device)
+    kinds = ([], [])
     for grad, is_expert in grads_and_experts:
-        squares[int(is_expert)] += grad.detach().double().pow(2).sum().to(squares.device)
+        kinds[int(is_expert)].append(grad.detach())
+    for i, grads in enumerate(kinds):
+        if grads:  # one fused pass per kind; per-tensor norms in fp32, squared and summed in fp64
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            squares[i] = torch.stack([n.to(device) for n in norms]).double().pow(2).sum()
     if sharded:
         total = squares.sum().reshape(1)
         if _group_size(dp_group) > 1:
@@ -129,7 +141,21 @@ def _buckets(grads):
         yield bucket
 
 
-class _ReplicatedGradientsMixin:
+def _loss_scale_at_floor(mixin) -> bool:
+    """fp16: whether the dynamic loss scale already sits at its minimum (an overflow now is no scaling issue)."""
+    scaler = getattr(mixin, "grad_scaler", None)
+    floor = getattr(scaler, "_min_scale", None)
+    return floor is not None and float(scaler.scale) <= float(floor)
+
+
+class _NonFiniteSkip:
+    """What the last step() did, read by the training loop after every step (identical on every rank)."""
+
+    skipped_nonfinite = False  # the global gradient norm was inf/nan: no update, gradients cleared
+    skipped_overflow = False  # fp16: the loss scaler found an overflow and backed off: no update
+
+
+class _ReplicatedGradientsMixin(_NonFiniteSkip):
     """ZeRO-0 optimizers: sync gradients right after backward (outside a pipeline, which syncs once at the
     end of the schedule) and clip by the true global norm."""
 
@@ -152,11 +178,55 @@ class _ReplicatedGradientsMixin:
 
 
 class OpenMoeNaiveOptimizer(_ReplicatedGradientsMixin, HybridParallelNaiveOptimizer):
-    """fp32 ZeRO-0. Replaces hybrid_parallel_plugin.py:380-456 (_compute_grad_norm)."""
+    """fp32 ZeRO-0. Replaces hybrid_parallel_plugin.py:380-456 (_compute_grad_norm) and 357-378 (step)."""
+
+    def step(self, *args, **kwargs):
+        """Upstream's step, with the norm taken even without clipping and a non-finite one skipping the update."""
+        pairs = [(p, p.grad) for group in self.optim.param_groups for p in group["params"] if p.grad is not None]
+        norm = self._compute_grad_norm(pairs)
+        self._current_grad_norm = norm
+        self.skipped_nonfinite = not math.isfinite(norm)
+        if self.skipped_nonfinite:
+            self.zero_grad()
+            return
+        if self.max_norm > 0:
+            self._clip_grad_norm(norm)
+        self.optim.step(*args, **kwargs)
 
 
 class OpenMoeAMPOptimizer(_ReplicatedGradientsMixin, HybridParallelAMPOptimizer):
-    """bf16/fp16 ZeRO-0 with fp32 masters. Replaces hybrid_parallel_plugin.py:584-663 (_compute_grad_norm)."""
+    """bf16/fp16 ZeRO-0 with fp32 masters. Replaces hybrid_parallel_plugin.py:584-663 (_compute_grad_norm) and
+    amp/naive_amp/mixed_precision_optimizer.py:169-206 (step)."""
+
+    def step(self, *args, **kwargs):
+        """Upstream's step (fp16 overflow check, fp32 master grads, unscale and clip, update, copy back), with the
+        norm taken even without clipping and a non-finite one skipping the update."""
+        at_floor = _loss_scale_at_floor(self.mixed_precision)
+        self.skipped_overflow = self.mixed_precision.should_skip_step()  # fp16 only; all-reduced over the world
+        self.skipped_nonfinite = self.skipped_overflow and at_floor
+        if self.skipped_overflow:
+            self.zero_grad()
+            return
+        for group in self.optim.param_groups:
+            for p in group["params"]:
+                working = self.master_to_working_map[p]
+                if p is not working and working.grad is not None:
+                    p.grad, working.grad = working.grad.data.float(), None
+        pairs = [(self.master_to_working_map[p], p.grad) for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        norm = self._compute_grad_norm(pairs)  # fp16: still carries the loss scale
+        self._current_grad_norm = norm
+        self.skipped_nonfinite = not math.isfinite(norm)
+        if self.skipped_nonfinite:
+            self.zero_grad()
+            return
+        self._unscale_and_clip_grads(norm)
+        self.optim.step(*args, **kwargs)
+        for group in self.optim.param_groups:
+            for p in group["params"]:
+                working = self.master_to_working_map[p]
+                if p is not working:
+                    working.data.copy_(p.data)
 
     def get_grad_norm(self, norm_type=2, **kwargs):
         # The norm is taken on fp16 gradients that still carry the loss scale (mixed_precision_optimizer.py).
@@ -164,7 +234,7 @@ class OpenMoeAMPOptimizer(_ReplicatedGradientsMixin, HybridParallelAMPOptimizer)
         return None if norm is None else norm / float(getattr(self.mixed_precision, "loss_scale", 1.0))
 
 
-class OpenMoeZeroOptimizer(HybridParallelZeroOptimizer):
+class OpenMoeZeroOptimizer(_NonFiniteSkip, HybridParallelZeroOptimizer):
     """ZeRO-1/2: dense parameters sharded over the DP group, experts over their expert-DP group."""
 
     def __init__(self, optimizer, model, *, dp_group, expert_dp_group, ep_group, pp_group, **kwargs):
@@ -181,6 +251,29 @@ class OpenMoeZeroOptimizer(HybridParallelZeroOptimizer):
         super().__init__(optimizer, model, use_pipeline=True, pg_to_param_list=pg_to_params,
                          pp_process_group=pp_group, **kwargs)
 
+    def step(self, closure=None):
+        """low_level_optim.py:527-635, whose inner optimizer step is skipped when _unscale_and_clip_grads (called
+        just before it) finds a non-finite norm; the rest (releasing grads, re-gathering the unchanged masters into
+        the working weights) runs as usual."""
+        mixin = self.mixed_precision_mixin
+        at_floor = _loss_scale_at_floor(mixin)
+        self.skipped_nonfinite = self.skipped_overflow = False
+        own = vars(self.optim).get("step")  # an LR scheduler wraps the inner optimizer's step on the instance
+        inner_step = self.optim.step
+        self.optim.step = lambda *a, **kw: None if self.skipped_nonfinite else inner_step(*a, **kw)
+        try:
+            super().step(closure)
+        finally:
+            if own is None:
+                del self.optim.step
+            else:
+                self.optim.step = own
+        overflow = getattr(mixin, "found_overflow", None)  # set by this step's fp16 overflow check
+        if self.require_grad_sync and overflow is not None and overflow.item() > 0:
+            self.skipped_overflow, self.skipped_nonfinite = True, at_floor
+        if self.skipped_nonfinite:
+            self.zero_grad()
+
     def _compute_grad_norm(self, dp_pg, gradients, norm_type: int = 2) -> float:
         # step() calls this once per process-group store and adds the results linearly
         # (low_level_optim.py:572-575); the real norm is computed once in _unscale_and_clip_grads below.
@@ -192,7 +285,9 @@ class OpenMoeZeroOptimizer(HybridParallelZeroOptimizer):
         norm = true_grad_norm(((g, False) for g in grad_groups_flat), dp_group, ep_group, pp_group, sharded=True)
         # fp16 gradients still carry the loss scale here (bf16/fp32 mixins have none).
         self._current_grad_norm = norm / float(getattr(self.mixed_precision_mixin, "loss_scale", 1.0))
-        super()._unscale_and_clip_grads(grad_groups_flat, norm)
+        self.skipped_nonfinite = not math.isfinite(norm)
+        if not self.skipped_nonfinite:
+            super()._unscale_and_clip_grads(grad_groups_flat, norm)
 
 
 class OpenMoeParallelPlugin(MoeHybridParallelPlugin):
@@ -288,10 +383,16 @@ def build_plugin(args, config=None):
         args.plugin, world, num_experts, num_layers, zero_stage=zero_stage, precision=precision,
         extra_dp_size=args.extra_dp_size, pp_size=args.pp_size, dp_size=args.dp_size, ep_size=args.ep_size,
         microbatch_size=args.microbatch_size, batch_size=getattr(args, "batch_size", None), rank=dist.get_rank())
+    if getattr(args, "load_balance", False) and layout.ep == 1:
+        raise LayoutError(f"--load_balance moves experts between expert-parallel ranks, and this layout "
+                          f"({layout.describe()}) has a single one; drop --load_balance or use more processes "
+                          f"with an expert-parallel size above 1")
+    # --comm_overlap: the EP layers pipeline their all-to-alls with the experts (no-op when ep = 1).
+    overlap_chunks = getattr(args, "comm_overlap_chunks", 4) if getattr(args, "comm_overlap", False) else 1
     plugin = OpenMoeParallelPlugin(
         tp_size=1, pp_size=layout.pp, ep_size=layout.ep, zero_stage=zero_stage, precision=precision,
         max_norm=args.max_grad_norm or 0.0, microbatch_size=layout.microbatch_size if layout.is_pipeline else None,
-        enable_metadata_cache=True)
+        enable_metadata_cache=True, custom_policy=OpenMoePolicy(overlap_chunks=overlap_chunks))
     return plugin, layout
 
 

@@ -1,7 +1,8 @@
 """Colossal-AI shardformer policy for OpenMoE: EP-aware MoE layers and pipeline stages.
 
 * Every MoE layer (`model.layers.{i}.mlp` for i in config.moe_layer_indices) is turned into this rank's
-  ExpertParallelSparseMLP (shardformer calls its `from_native_module` with the EP group).
+  ExpertParallelSparseMLP (shardformer calls its `from_native_module` with the EP group, and with the number of
+  chunks its all-to-alls are pipelined in: --comm_overlap).
 * With a pipeline, each stage holds a contiguous run of decoder layers (the embedding on the first stage,
   the final norm and LM head on the last, the rotary table everywhere) and runs `pipeline_stage_forward`.
   Router losses are summed over the stage's MoE layers and travel with the hidden states to the next stage,
@@ -72,6 +73,11 @@ def pipeline_stage_forward(self: OpenMoeForCausalLM, input_ids=None, labels=None
 
 
 class OpenMoePolicy(Policy):
+    def __init__(self, overlap_chunks: int = 1):
+        """overlap_chunks > 1: the EP layers pipeline their all-to-alls with the experts in that many chunks."""
+        super().__init__()
+        self.overlap_chunks = overlap_chunks
+
     def config_sanity_check(self):
         if self.shard_config.enable_tensor_parallelism or self.shard_config.enable_sequence_parallelism:
             raise NotImplementedError("OpenMoE supports expert, data and pipeline parallelism; not TP/SP")
@@ -84,9 +90,10 @@ class OpenMoePolicy(Policy):
         policy = {}
         ep_group = self.shard_config.ep_group
         if ep_group is not None:
+            kwargs = {"ep_group": ep_group, "overlap_chunks": self.overlap_chunks}
             replacements = [SubModuleReplacementDescription(suffix=f"layers.{i}.mlp",
                                                             target_module=ExpertParallelSparseMLP,
-                                                            kwargs={"ep_group": ep_group}, ignore_if_not_exist=True)
+                                                            kwargs=kwargs, ignore_if_not_exist=True)
                             for i in cfg.moe_layer_indices]
             policy[type(self.model.model)] = ModulePolicyDescription(sub_module_replacement=replacements)
         stage_manager = self.pipeline_stage_manager

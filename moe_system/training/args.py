@@ -20,8 +20,6 @@ PRESET_DEFAULTS = {
 }
 
 NOT_YET = {
-    "load_balance": "dynamic expert load balancing (--load_balance)",
-    "comm_overlap": "communication/compute overlap (--comm_overlap)",
     "hierarchical_alltoall": "hierarchical all-to-all (--hierarchical_alltoall)",
 }
 
@@ -67,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_mask_prompt", dest="mask_prompt", action="store_false",
                    help="also train on prompt tokens (default: loss on completions only)")
     g.add_argument("--skip_malformed", action="store_true", help="skip (and count) malformed data lines")
+    g.add_argument("--streaming", action="store_true",
+                   help="read a .jsonl/.txt --dataset (file or directory) lazily instead of loading it: for data that "
+                   "does not fit in memory. Each data-parallel rank reads every n-th record, the files repeat "
+                   "endlessly (needs --max_steps; no epochs) and a resumed run skips the rows it consumed")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=None, help="sequences per data-parallel rank per step")
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip to this global norm; 0 disables")
     g.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--max_nonfinite_steps", type=int, default=5,
-                   help="stop after this many consecutive steps with a non-finite loss (each one is skipped)")
+                   help="stop after this many consecutive steps with a non-finite loss or gradient norm (each one "
+                   "is skipped; fp16 loss-scale overflows are skipped but not counted unless at the minimum scale)")
     g.add_argument("--router_aux_loss_factor", type=float, default=0.01, help="load-balancing loss factor")
     g.add_argument("--router_z_loss_factor", type=float, default=1e-4, help="router z-loss factor")
     g.add_argument("--z_loss_factor", type=float, default=1e-4, help="output-logit z-loss factor")
@@ -97,9 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dp_size", type=int, default=1, help="hybrid: expert data-parallel size")
     g.add_argument("--ep_size", type=int, default=2, help="hybrid: expert-parallel size")
     g.add_argument("--microbatch_size", type=int, default=1, help="hybrid: sequences per pipeline micro-batch")
-    g.add_argument("--load_balance", action="store_true", help="re-place experts by measured load")
-    g.add_argument("--load_balance_interval", type=int, default=1000)
-    g.add_argument("--comm_overlap", action="store_true", help="overlap all-to-all with expert compute")
+    g.add_argument("--load_balance", action="store_true",
+                   help="every --load_balance_interval steps, move experts between EP ranks so that the busiest "
+                        "rank gets as few tokens as possible (needs ep_size > 1; training is unchanged bit for bit)")
+    g.add_argument("--load_balance_interval", type=int, default=1000, help="steps between expert rebalancing")
+    g.add_argument("--comm_overlap", action="store_true",
+                   help="pipeline the expert-parallel all-to-alls with the expert compute, forward and backward, in "
+                   "--comm_overlap_chunks chunks (same results; a no-op when the EP size is 1)")
+    g.add_argument("--comm_overlap_chunks", type=int, default=4,
+                   help="with --comm_overlap: chunks each MoE layer's routed tokens are split into")
     g.add_argument("--hierarchical_alltoall", action="store_true")
 
     g = p.add_argument_group("output")
@@ -122,6 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, feature in NOT_YET.items():
         if getattr(args, flag):
             parser.error(f"{feature} is not yet available in moe_system; drop --{flag}")
+    if args.comm_overlap_chunks < 1:
+        parser.error(f"--comm_overlap_chunks must be at least 1, got {args.comm_overlap_chunks}")
     for key, value in PRESET_DEFAULTS[args.model_name].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -129,11 +140,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--objective ul2 builds one example per row; drop --packing pack")
     if args.ul2_weights and args.objective != "ul2":
         parser.error("--ul2_weights applies to --objective ul2 only")
+    if args.streaming:
+        for bad, why in ((not args.max_steps, "the stream repeats endlessly; set --max_steps"),
+                         ("," in args.dataset, "it reads one file or directory, not a weighted mix"),
+                         (args.packing == "pack", "it builds one padded example per row; drop --packing pack"),
+                         (args.objective == "ul2", "it trains the lm objective; drop --objective ul2")):
+            if bad:
+                parser.error(f"--streaming: {why}")
     if args.resume and args.load_checkpoint:
         parser.error("--resume restores the model it saved; --load_checkpoint would be ignored. Pass one of them")
     if args.output_path is None:
         args.output_path = f"outputs/openmoe-{args.model_name}"
-    for name in ("batch_size", "max_length", "num_epoch", "grad_accum_steps", "save_interval"):
+    for name in ("batch_size", "max_length", "num_epoch", "grad_accum_steps", "save_interval", "load_balance_interval"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args

@@ -14,18 +14,21 @@ from colossalai.accelerator import get_accelerator
 from colossalai.booster import Booster
 from tqdm import tqdm
 
-from ..data import build_dataset, load_records, load_tokenizer
-from ..data.mixture import MixtureRows, SourceTokenCounter, parse_sources, source_label
+from ..data import DataError, build_dataset, load_records, load_tokenizer
+from ..data.mixture import (MixtureRows, SourceTokenCounter, StreamingRows, parse_sources, source_label,
+                            streaming_files)
 from ..data.synthetic import SyntheticTokens
 from ..data.ul2 import OPENMOE_UL2_WEIGHTS, UL2Rows
 from ..model import OpenMoeConfig, OpenMoeForCausalLM
 from ..model.convert import checkpoint_config, load_any_checkpoint
 from ..moe.balancing import update_expert_bias
+from ..moe.load import ExpertLoadMeter
 from ..parallel.plugin import build_plugin, init_distributed
+from ..parallel.rebalance import ExpertRebalancer, format_rebalance
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_model
 from .evaluate import evaluate_loss, exact_match
 from .flops import param_counts, train_flops_per_token
-from .metrics import ExpertLoadMeter, MetricsLogger, format_load
+from .metrics import MetricsLogger, format_load
 from .sampler import ResumableDistributedSampler
 from .schedule import build_scheduler
 from .step import forward_backward, pipeline_forward_backward
@@ -104,7 +107,14 @@ def train(args) -> dict:
 
     tokenizer = load_tokenizer(args.tokenizer, vocab_size=config.vocab_size)
     sources = parse_sources(args.dataset)
-    datasets = [build_train_source(args, name, tokenizer, config) for name, _ in sources]
+    if args.streaming:  # read lazily: each data-parallel rank its own records, every stage of a pipeline the same
+        datasets = [StreamingRows(streaming_files(args.dataset), tokenizer, args.max_length, repeat=True,
+                                  rank=dist.get_group_rank(plugin.dp_group, dist.get_rank()),
+                                  world_size=plugin.dp_group.size(), mask_prompt=args.mask_prompt,
+                                  skip_malformed=args.skip_malformed)]
+        datasets[0].check_every_rank_has_rows()
+    else:
+        datasets = [build_train_source(args, name, tokenizer, config) for name, _ in sources]
     dataset, token_counter = datasets[0], None
     if len(sources) > 1:  # a weighted mix: rows carry their source, whose token counts are logged
         labels = [source_label(name) for name, _ in sources]
@@ -118,26 +128,40 @@ def train(args) -> dict:
     if args.gradient_checkpointing:
         model.model.gradient_checkpointing = True
     counts = param_counts(config)
-    dataloader = plugin.prepare_dataloader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                           seed=args.seed, distributed_sampler_cls=ResumableDistributedSampler)
-    steps_per_epoch = len(dataloader) // args.grad_accum_steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} training rows are fewer than one global batch of {args.batch_size} x "
-                         f"{args.grad_accum_steps} accumulation x {layout.dp_size} data-parallel ranks; "
-                         f"lower --batch_size or --grad_accum_steps")
-    total_steps = steps_per_epoch * args.num_epoch
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    if args.streaming:  # sampler-free and endless: no epochs, --max_steps bounds the run (args.py)
+        dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, drop_last=True)
+        steps_per_epoch, total_steps = None, args.max_steps
+    else:
+        dataloader = plugin.prepare_dataloader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                               seed=args.seed, distributed_sampler_cls=ResumableDistributedSampler)
+        steps_per_epoch = len(dataloader) // args.grad_accum_steps
+        if steps_per_epoch == 0:
+            raise DataError(f"{len(dataset)} training rows are fewer than one global batch of {args.batch_size} x "
+                            f"{args.grad_accum_steps} accumulation x {layout.dp_size} data-parallel ranks; "
+                            f"lower --batch_size or --grad_accum_steps")
+        total_steps = steps_per_epoch * args.num_epoch
+        if args.max_steps:
+            total_steps = min(total_steps, args.max_steps)
     optimizer = torch.optim.AdamW(decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.warmup_steps, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader,
                                                                lr_scheduler=scheduler)
     load_meter = ExpertLoadMeter(model.unwrap().moe_layers())
+    bias_meter = ExpertLoadMeter(model.unwrap().moe_layers()) if config.router_bias_update_rate else None
 
-    step, skipped = 0, 0
+    rebalancer = (ExpertRebalancer(model.unwrap(), optimizer, plugin.ep_group, plugin.moe_dp_group, plugin.pp_group)
+                  if args.load_balance else None)
+    # consumed: step-sized groups of batches drawn from the data, skipped steps included (the data position)
+    step, skipped, overflows, consumed = 0, 0, 0, 0
     if resume_from:
         state = load_checkpoint(booster, model, optimizer, scheduler, resume_from)
         step, skipped = state["step"], state["skipped_steps"]
+        overflows, consumed = state.get("overflow_steps", 0), state.get("consumed_steps", step)
+        if token_counter and "source_tokens" in state:
+            token_counter.load_state_dict(state["source_tokens"], plugin.dp_group)
+    if args.streaming:  # the rows this rank consumed before the checkpoint
+        dataset.skip_rows = (state.get("stream_rows_per_rank") if resume_from else None) or \
+            consumed * args.grad_accum_steps * args.batch_size
 
     logger = MetricsLogger(args.output_path, enabled=is_main, wandb_project=args.wandb_project, run_config=vars(args))
     if is_main:
@@ -146,17 +170,36 @@ def train(args) -> dict:
             json.dump(vars(args), f, indent=2)
         print(f"OpenMoE-{args.model_name}: {counts['total'] / 1e6:.2f}M parameters, "
               f"{counts['active_blocks'] / 1e6:.2f}M active per token in the blocks; {layout.describe()}; "
-              f"{len(dataset)} rows x {args.max_length} tokens, {total_steps} steps"
+              + (f"streaming {args.dataset}" if args.streaming else f"{len(dataset)} rows")
+              + f" x {args.max_length} tokens, {total_steps} steps"
               + (f"; resumed at step {step} from {resume_from}" if resume_from else ""))
     flops_per_token = train_flops_per_token(config, args.max_length)
     peak = args.peak_tflops or (H100_BF16_PEAK_TFLOPS if torch.cuda.is_available() else None)
     tokens_per_step = args.batch_size * args.grad_accum_steps * layout.dp_size * args.max_length
 
     def checkpoint():
-        state = {"step": step, "skipped_steps": skipped, "epoch": step // steps_per_epoch,
+        state = {"step": step, "skipped_steps": skipped, "overflow_steps": overflows, "consumed_steps": consumed,
+                 "epoch": consumed // steps_per_epoch if steps_per_epoch else None,
                  "args": vars(args), "layout": layout.describe()}
+        if args.streaming:  # the same on every data-parallel rank: each reads batch_size rows per micro-batch
+            state["stream_rows_per_rank"] = consumed * args.grad_accum_steps * args.batch_size
+        if token_counter:  # the totals over data-parallel ranks (a collective: every rank saves)
+            state["source_tokens"] = token_counter.state_dict(plugin.dp_group)
         save_checkpoint(booster, model, optimizer, scheduler, tokenizer, args.output_path, state,
                         args.save_total_limit or None)
+
+    def skip_update(what: str) -> None:
+        """A step with a non-finite loss or gradient: no update, counted, logged; K in a row stop the run."""
+        nonlocal skipped, consecutive_bad
+        optimizer.zero_grad()
+        skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
+        logger.log(step, {"train/skipped_nonfinite": skipped})
+        bar.write(f"step {step + 1}: non-finite {what}, update skipped ({consecutive_bad} in a row)")
+        if consecutive_bad >= args.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (last at step {step + 1}: "
+                f"{what}); stopping. The last good checkpoint in {args.output_path} is untouched: lower --lr, "
+                f"raise --warmup_steps, keep --max_grad_norm on or use --precision bf16/fp32, then --resume latest")
 
     run_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not is_main, dynamic_ncols=True)
@@ -164,10 +207,12 @@ def train(args) -> dict:
     window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
     consecutive_bad, history, last_load = 0, [], {}
     while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        # The reference never called set_epoch (same order every epoch); a resumed run restarts mid-epoch.
-        dataloader.sampler.set_epoch(epoch, done_in_epoch * args.grad_accum_steps * args.batch_size)
+        if steps_per_epoch:  # map-style data (streaming resumes through dataset.skip_rows)
+            epoch, done_in_epoch = divmod(consumed, steps_per_epoch)
+            # The reference never called set_epoch (same order every epoch); a resumed run restarts mid-epoch.
+            dataloader.sampler.set_epoch(epoch, done_in_epoch * args.grad_accum_steps * args.batch_size)
         for micro_batches in micro_batch_groups(dataloader, args.grad_accum_steps):
+            consumed += 1
             if layout.is_pipeline:
                 parts = pipeline_forward_backward(booster, model, optimizer, micro_batches, plugin.dp_group,
                                                   plugin.pp_group, device)
@@ -178,22 +223,22 @@ def train(args) -> dict:
                     token_counter.update(micro_batch)
             loss = parts["lm_loss"].item()  # identical on every rank, so every rank takes the same branch
             if not torch.isfinite(parts["lm_loss"] + parts["aux_loss"] + parts["router_z_loss"]):
+                skip_update("loss")
+                continue
+            optimizer.step()  # skips the update itself if the global gradient norm (all-reduced) is inf/nan
+            if optimizer.skipped_nonfinite:
+                skip_update("gradient")
+                continue
+            if optimizer.skipped_overflow:  # fp16 loss scaler backed off: routine, not counted toward the limit
                 optimizer.zero_grad()
-                skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
-                logger.log(step, {"train/skipped_nonfinite": skipped})
-                bar.write(f"step {step + 1}: non-finite loss, update skipped ({consecutive_bad} in a row)")
-                if consecutive_bad >= args.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{consecutive_bad} consecutive steps had a non-finite loss (last at step {step + 1}); "
-                        f"stopping. The last good checkpoint in {args.output_path} is untouched: lower --lr, "
-                        f"raise --warmup_steps or use --precision bf16/fp32, then --resume latest")
+                overflows += 1
+                logger.log(step, {"train/skipped_overflow": overflows})
+                bar.write(f"step {step + 1}: fp16 loss-scale overflow, update skipped")
                 continue
             consecutive_bad = 0
-            load_meter.update()
-            optimizer.step()
             optimizer.zero_grad()
             if config.router_bias_update_rate:
-                update_expert_bias(load_meter.layers, config.router_bias_update_rate, plugin.dp_group)
+                update_expert_bias(bias_meter, config.router_bias_update_rate, plugin.dp_group)
             scheduler.step()
             step += 1
             window_steps += 1
@@ -217,15 +262,25 @@ def train(args) -> dict:
                 last_load = load_meter.stats()
                 load_meter.reset()
                 window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
+            if rebalancer and step % args.load_balance_interval == 0 and step < total_steps:
+                report = rebalancer.rebalance()
+                logger.log(step, report)
+                if report and is_main:
+                    bar.write(f"step {step}: experts re-placed by load\n" + format_rebalance(report))
             if args.eval_interval and step % args.eval_interval == 0 and eval_records and not layout.is_pipeline:
                 logger.log(step, run_eval(model, tokenizer, eval_records, args, device))
             if step % args.save_interval == 0 and step < total_steps:
                 checkpoint()
             if step >= total_steps:
                 break
+        else:
+            if args.streaming:  # endless unless a rank's records were all malformed and skipped
+                raise DataError(f"--streaming: {args.dataset} gave no usable record to data-parallel rank "
+                                f"{dataset.rank}")
     bar.close()
 
-    summary = {"steps": step, "skipped_steps": skipped, "final_lm_loss": history[-1] if history else None,
+    summary = {"steps": step, "skipped_steps": skipped, **({"overflow_steps": overflows} if overflows else {}),
+               "final_lm_loss": history[-1] if history else None,
                "wall_s": time.perf_counter() - run_start}
     checkpoint()
     final_dir = os.path.join(args.output_path, "final")

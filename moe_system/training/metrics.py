@@ -1,45 +1,13 @@
 """Where a run's numbers go: a jsonl file (one record per log step), tensorboard scalars, and the console.
 
-Only the main rank writes. Per-expert load is logged as each MoE layer's share of routed tokens, plus the
-max/mean imbalance ratio, so a collapsing router is visible while the run is still going.
+Only the main rank writes. Per-expert load (moe/load.py) is logged as each MoE layer's share of routed tokens,
+plus the max/mean imbalance ratio, so a collapsing router is visible while the run is still going.
 """
 
 import json
 import os
 
 import torch
-
-
-class ExpertLoadMeter:
-    """Accumulates each MoE layer's routed and dropped token counts over the steps between two log records."""
-
-    def __init__(self, moe_layers):
-        self.layers = moe_layers
-        self.reset()
-
-    def reset(self) -> None:
-        self.counts = [torch.zeros(l.num_experts, dtype=torch.float64) for l in self.layers]
-        self.dropped = [torch.zeros(l.num_experts, dtype=torch.float64) for l in self.layers]
-
-    def update(self) -> None:
-        """Reads the layers' last-forward statistics; call once after every training forward."""
-        for i, layer in enumerate(self.layers):  # accumulates on the layer's device: no host sync per step
-            self.counts[i] = self.counts[i].to(layer.last_counts.device) + layer.last_counts
-            self.dropped[i] = self.dropped[i].to(layer.last_dropped.device) + layer.last_dropped
-
-    def stats(self) -> dict:
-        """Per-layer expert shares, imbalance (max/mean) and dropped fraction of the routed copies."""
-        stats = {}
-        for i, (counts, dropped) in enumerate(zip(self.counts, self.dropped)):
-            counts, dropped = counts.cpu(), dropped.cpu()
-            if counts.sum() == 0:
-                continue  # a layer of another pipeline stage: its tokens are counted on that stage
-            total = counts.sum().clamp(min=1)
-            stats[f"moe/layer{i}/imbalance"] = (counts.max() / counts.mean().clamp(min=1e-9)).item()
-            stats[f"moe/layer{i}/dropped_frac"] = (dropped.sum() / total).item()
-            for e, share in enumerate((counts / total).tolist()):
-                stats[f"moe/layer{i}/expert{e}"] = share
-        return stats
 
 
 def format_load(stats: dict) -> str:

@@ -1,0 +1,87 @@
+"""Test-only launcher: runs train.py (same arguments) with faults injected by monkeypatching, never through hooks in
+the production code. Faults are chosen by environment variables:
+
+FAULT_INF_GRAD=3,6,7    in the backward of these step groups (1-based count of forward/backward calls, skipped
+                        steps included), the gradient of the rank's first parameter becomes all inf (the loss
+                        itself stays finite)
+FAULT_INF_RANKS=1       ... on these ranks only (default: every rank)
+FAULT_KILL_IN_SAVE=N    SIGKILL every rank in the middle of writing its N-th checkpoint: model and optimizer are
+                        in .checkpoint-STEP.partial, the RNG states and trainer_state.json not yet
+FAULT_KILL_AFTER_SAVE=N SIGKILL every rank right after its N-th checkpoint was published
+
+Single process: `python tests/fault_launcher.py ARGS`; several: `torchrun ... tests/fault_launcher.py ARGS`.
+"""
+
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import moe_system.training.checkpoint as checkpoint_module
+import moe_system.training.loop as loop
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def numbers(name: str) -> set[int]:
+    return {int(x) for x in os.environ.get(name, "").split(",") if x.strip()}
+
+
+def inject_inf_gradients(calls: set[int], ranks: set[int]) -> None:
+    state = {"call": 0, "armed": False, "hooked": False}
+
+    def poison(grad):
+        return torch.full_like(grad, float("inf")) if state["armed"] else grad
+
+    def wrap(forward_backward):
+        def wrapped(booster, model, optimizer, micro_batches, *rest):
+            state["call"] += 1
+            state["armed"] = state["call"] in calls and (not ranks or dist.get_rank() in ranks)
+            if not state["hooked"]:  # a tensor hook runs before the gradient is accumulated, reduced or sharded
+                next(p for p in model.unwrap().parameters() if p.requires_grad).register_hook(poison)
+                state["hooked"] = True
+            return forward_backward(booster, model, optimizer, micro_batches, *rest)
+        return wrapped
+
+    loop.forward_backward = wrap(loop.forward_backward)
+    loop.pipeline_forward_backward = wrap(loop.pipeline_forward_backward)
+
+
+def kill_in_save(nth: int) -> None:
+    rng_state, count = checkpoint_module.rng_state, [0]
+
+    def dying_rng_state():  # save_checkpoint calls it after the model and optimizer were written
+        count[0] += 1
+        if count[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return rng_state()
+
+    checkpoint_module.rng_state = dying_rng_state
+
+
+def kill_after_save(nth: int) -> None:
+    save_checkpoint, count = loop.save_checkpoint, [0]
+
+    def save_then_die(*args, **kwargs):
+        path = save_checkpoint(*args, **kwargs)  # ends with a barrier: every rank published
+        count[0] += 1
+        if count[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+    loop.save_checkpoint = save_then_die
+
+
+if __name__ == "__main__":
+    if numbers("FAULT_INF_GRAD"):
+        inject_inf_gradients(numbers("FAULT_INF_GRAD"), numbers("FAULT_INF_RANKS"))
+    if os.environ.get("FAULT_KILL_IN_SAVE"):
+        kill_in_save(int(os.environ["FAULT_KILL_IN_SAVE"]))
+    if os.environ.get("FAULT_KILL_AFTER_SAVE"):
+        kill_after_save(int(os.environ["FAULT_KILL_AFTER_SAVE"]))
+    sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
+    runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
