@@ -194,7 +194,8 @@ def train(args) -> dict:
         optimizer.zero_grad()
         skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
         logger.log(step, {"train/skipped_nonfinite": skipped})
-        bar.write(f"step {step + 1}: non-finite {what}, update skipped ({consecutive_bad} in a row)")
+        if is_main:  # tqdm.write prints even where the bar is disabled
+            bar.write(f"step {step + 1}: non-finite {what}, update skipped ({consecutive_bad} in a row)")
         if consecutive_bad >= args.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (last at step {step + 1}: "
@@ -233,7 +234,8 @@ def train(args) -> dict:
                 optimizer.zero_grad()
                 overflows += 1
                 logger.log(step, {"train/skipped_overflow": overflows})
-                bar.write(f"step {step + 1}: fp16 loss-scale overflow, update skipped")
+                if is_main:
+                    bar.write(f"step {step + 1}: fp16 loss-scale overflow, update skipped")
                 continue
             consecutive_bad = 0
             optimizer.zero_grad()
