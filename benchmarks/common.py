@@ -195,6 +195,22 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = N
     return float(diff.max()) if diff.numel() else 0.0
 
 
+def check_against_reference(name: str, got: tuple, want: tuple, rtol: float, atol: float, reference: str,
+                            mask: torch.Tensor | None = None, **extra) -> dict:
+    """got/want: (output, input gradient). Each may differ from the reference's by rtol * max|reference| + atol
+    (over the rows in mask); returns the figures, or raises Mismatch with them, and the extra fields, in it."""
+    (out, grad), (ref_out, ref_grad) = got, want
+    check = {"reference": reference, "max_abs_diff_out": max_abs_diff(out, ref_out, mask),
+             "max_abs_diff_grad_input": max_abs_diff(grad, ref_grad, mask),
+             "tolerance": rtol * float(ref_out.abs().max()) + atol,
+             "grad_tolerance": rtol * float(ref_grad.abs().max()) + atol, **extra}
+    if check["max_abs_diff_out"] > check["tolerance"]:
+        raise Mismatch(f"{name}: output differs from {reference}", check)
+    if check["max_abs_diff_grad_input"] > check["grad_tolerance"]:
+        raise Mismatch(f"{name}: input gradient differs from {reference}", check)
+    return check
+
+
 def finite_json(value):
     """NaN and infinities are not JSON: write them as null so that a reader notices."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -26,7 +26,7 @@ import torch
 from moe_system.model import OpenMoeConfig
 from moe_system.moe import OpenMoeSparseMLP, capacity
 
-from .common import Mismatch, add_shape_arguments, environment, exit_code, guarded, max_abs_diff, peak_bytes, \
+from .common import add_shape_arguments, check_against_reference, environment, exit_code, guarded, peak_bytes, \
     shape_settings, time_ms, write_json
 from .moe_layer import CAPACITY_FACTOR, SHAPES, SMOKE_SHAPES, TOLERANCE, make_input, route_fp32
 
@@ -103,15 +103,7 @@ def run_case(shape_name, shape, tokens, routing, dispatch, device, dtype, warmup
             "routing": routing, "dispatch": dispatch, "capacity": cap, "dtype": str(dtype).removeprefix("torch."),
             "results": {}}
     def run_impl(name, forward):
-        check = {"reference": "ours",
-                 "max_abs_diff_out": max_abs_diff(outputs[name][0], outputs["ours"][0]),
-                 "max_abs_diff_grad_input": max_abs_diff(outputs[name][1], outputs["ours"][1]),
-                 "tolerance": rtol * float(outputs["ours"][0].abs().max()) + atol,
-                 "grad_tolerance": rtol * float(outputs["ours"][1].abs().max()) + atol}
-        if check["max_abs_diff_out"] > check["tolerance"]:
-            raise Mismatch(f"{name}: output differs from ours", check)
-        if check["max_abs_diff_grad_input"] > check["grad_tolerance"]:
-            raise Mismatch(f"{name}: input gradient differs from ours", check)
+        check = check_against_reference(name, outputs[name], outputs["ours"], rtol, atol, "ours")
 
         def step():
             x.grad = None

@@ -31,7 +31,7 @@ from colossalai.tensor.moe_tensor.api import set_moe_tensor_ep_group
 from .all_to_all import Ticket, exchange_counts, launch, scale_grad, wait
 from .experts import expert_ffn
 from .layer import OpenMoeSparseMLP
-from .permute import DispatchPlan
+from .permute import DispatchPlan, inverse_permutation
 
 
 class ExpertParallelSparseMLP(OpenMoeSparseMLP):
@@ -101,7 +101,7 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
         order = None if n == 1 else torch.argsort(plan.rank * n // plan.counts[plan.expert_of_row], stable=True)
         chunks = [rows] if order is None else rows[order].split([sum(s) for s in send_splits])
         returned = self._pipeline(chunks, send_splits, recv_splits, lambda j, x: self._grouped_by_source(x, recv[j]))
-        return returned[0] if order is None else torch.cat(returned)[_inverse(order)]
+        return returned[0] if order is None else torch.cat(returned)[inverse_permutation(order)]
 
     def _capacity_exchange(self, rows: torch.Tensor, plan: DispatchPlan, cap: int) -> torch.Tensor:
         ep, local, hidden = self.ep_size, self.num_local_experts, rows.shape[-1]
@@ -145,7 +145,7 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
                                         output_size=received.shape[0])
         order = torch.argsort((block % local) * ep + block // local, stable=True)
         out = self._local_experts(received[order], counts.sum(0))
-        return out[_inverse(order)]
+        return out[inverse_permutation(order)]
 
     def _pipeline(self, chunks, send_splits, recv_splits, experts) -> list[torch.Tensor]:
         """Send chunks[j] (rows grouped by destination rank, send_splits[j] to each), run experts(j, received) on
@@ -185,9 +185,3 @@ def chunk_counts(counts: torch.Tensor, chunks: int) -> torch.Tensor:
     j = torch.arange(chunks + 1, device=counts.device).unsqueeze(1)
     bounds = (j * counts + chunks - 1) // chunks
     return bounds[1:] - bounds[:-1]
-
-
-def _inverse(order: torch.Tensor) -> torch.Tensor:
-    back = torch.empty_like(order)
-    back[order] = torch.arange(order.numel(), device=order.device)
-    return back

@@ -11,6 +11,13 @@ from dataclasses import dataclass
 import torch
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """inverse[order[i]] = i: where each element of the original sequence went."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
 @dataclass
 class DispatchPlan:
     order: torch.Tensor          # [S*k] copy index (choice-major) of each sorted row
@@ -25,8 +32,7 @@ class DispatchPlan:
         num_tokens, top_k = expert_idx.shape
         flat = expert_idx.t().reshape(-1)
         order = torch.argsort(flat, stable=True)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
+        inverse = inverse_permutation(order)
         counts = torch.bincount(flat, minlength=num_experts)
         block_start = torch.cumsum(counts, 0) - counts
         rank = torch.arange(order.numel(), device=order.device) - block_start[flat[order]]

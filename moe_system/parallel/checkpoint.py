@@ -38,7 +38,7 @@ from colossalai.interface import ModelWrapper, OptimizerWrapper
 from colossalai.tensor.moe_tensor.api import is_moe_tensor
 
 from ..model.convert import CheckpointError
-from .rebalance import apply_placement, current_placement, expert_parallel_layers
+from .rebalance import EXPERT_WEIGHTS, apply_placement, current_placement, expert_parallel_layers
 
 OPTIMIZER_LAYOUT_FILE = "layout.json"
 PLACEMENT_FILE = "expert_placement.json"
@@ -48,20 +48,16 @@ def _ep_group_of(param):
     return getattr(param, "ep_group", None)
 
 
-def expert_slots(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """{expert parameter name: slot of each canonical expert} for layers whose experts were re-placed."""
-    slots = {}
-    for name, module in model.named_modules():
-        if getattr(module, "expert_slot", None) is not None:
-            for param_name, _ in module.experts.named_parameters():
-                slots[f"{name}.experts.{param_name}"] = module.expert_slot.cpu()
-    return slots
-
-
 def placements(model: torch.nn.Module) -> dict[str, list[int]]:
     """{MoE layer name: slot of each canonical expert} of every re-placed layer."""
     return {name: module.expert_slot.tolist() for name, module in model.named_modules()
             if getattr(module, "expert_slot", None) is not None}
+
+
+def expert_slots(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{expert parameter name: slot of each canonical expert} for layers whose experts were re-placed."""
+    return {f"{name}.experts.{weight}": torch.tensor(slots) for name, slots in placements(model).items()
+            for weight in EXPERT_WEIGHTS}
 
 
 def canonical_state_dict(model: torch.nn.Module) -> OrderedDict:

@@ -252,22 +252,13 @@ class OpenMoeZeroOptimizer(_NonFiniteSkip, HybridParallelZeroOptimizer):
                          pp_process_group=pp_group, **kwargs)
 
     def step(self, closure=None):
-        """low_level_optim.py:527-635, whose inner optimizer step is skipped when _unscale_and_clip_grads (called
-        just before it) finds a non-finite norm; the rest (releasing grads, re-gathering the unchanged masters into
-        the working weights) runs as usual."""
+        """low_level_optim.py:527-635; a non-finite norm makes _unscale_and_clip_grads (called just before the inner
+        optimizer's step) drop the master gradients, so that step leaves every parameter and state alone, and the
+        rest (releasing grads, re-gathering the unchanged masters into the working weights) runs as usual."""
         mixin = self.mixed_precision_mixin
         at_floor = _loss_scale_at_floor(mixin)
         self.skipped_nonfinite = self.skipped_overflow = False
-        own = vars(self.optim).get("step")  # an LR scheduler wraps the inner optimizer's step on the instance
-        inner_step = self.optim.step
-        self.optim.step = lambda *a, **kw: None if self.skipped_nonfinite else inner_step(*a, **kw)
-        try:
-            super().step(closure)
-        finally:
-            if own is None:
-                del self.optim.step
-            else:
-                self.optim.step = own
+        super().step(closure)
         overflow = getattr(mixin, "found_overflow", None)  # set by this step's fp16 overflow check
         if self.require_grad_sync and overflow is not None and overflow.item() > 0:
             self.skipped_overflow, self.skipped_nonfinite = True, at_floor
@@ -286,7 +277,11 @@ class OpenMoeZeroOptimizer(_NonFiniteSkip, HybridParallelZeroOptimizer):
         # fp16 gradients still carry the loss scale here (bf16/fp32 mixins have none).
         self._current_grad_norm = norm / float(getattr(self.mixed_precision_mixin, "loss_scale", 1.0))
         self.skipped_nonfinite = not math.isfinite(norm)
-        if not self.skipped_nonfinite:
+        if self.skipped_nonfinite:  # torch optimizers skip parameters without a gradient: no update, no state change
+            for group in self.optim.param_groups:
+                for master in group["params"]:
+                    master.grad = None
+        else:
             super()._unscale_and_clip_grads(grad_groups_flat, norm)
 
 

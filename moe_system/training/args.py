@@ -131,8 +131,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, feature in NOT_YET.items():
         if getattr(args, flag):
             parser.error(f"{feature} is not yet available in moe_system; drop --{flag}")
-    if args.comm_overlap_chunks < 1:
-        parser.error(f"--comm_overlap_chunks must be at least 1, got {args.comm_overlap_chunks}")
     for key, value in PRESET_DEFAULTS[args.model_name].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -151,7 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--resume restores the model it saved; --load_checkpoint would be ignored. Pass one of them")
     if args.output_path is None:
         args.output_path = f"outputs/openmoe-{args.model_name}"
-    for name in ("batch_size", "max_length", "num_epoch", "grad_accum_steps", "save_interval", "load_balance_interval"):
+    for name in ("batch_size", "max_length", "num_epoch", "grad_accum_steps", "save_interval", "load_balance_interval",
+                 "comm_overlap_chunks"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args

@@ -296,7 +296,7 @@ def train(args) -> dict:
         logger.log(step, summary)
     if is_main:
         if last_load:
-            print(f"expert load over the last logged window:\n" + format_load(last_load))
+            print("expert load over the last logged window:\n" + format_load(last_load))
         with open(os.path.join(args.output_path, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print("done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
