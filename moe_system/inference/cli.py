@@ -2,13 +2,15 @@
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .generate import Generator, SamplingSettings
+from ..model.convert import CheckpointError
+from .generate import Generator, SamplingSettings, check_text
 from .loading import (DTYPE_CHOICES, InferenceError, checkpoint_config, load_model,
                       load_tokenizer_for, model_config, pick_device, resolve_dtype)
 from .memory import MIB, fmt_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
@@ -74,14 +76,49 @@ def sampling_settings(args) -> SamplingSettings:
     settings.validate()
     if args.batch_size < 1:
         raise InferenceError(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise InferenceError(f"cannot write --output {args.output}: its folder does not exist")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise InferenceError(f"--seed must be in 0 .. 2**64 - 1, got {args.seed}")
+    check_output_file("--output", args.output)
     return settings
+
+
+def check_output_file(flag: str, path: str | None) -> None:
+    """Refuse a file that could not be written, before any loading, rather than fail after generating."""
+    if path is None:
+        return
+    folder = Path(path).resolve().parent
+    if Path(path).is_dir():
+        raise InferenceError(f"{flag} {path} is a directory: give a file name")
+    if not folder.is_dir():
+        raise InferenceError(f"cannot write {flag} {path}: its folder {folder} does not exist (create it first)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InferenceError(f"cannot write {flag} {path}: its folder {folder} is not writable")
+
+
+def check_offload_folder(path: str | None) -> None:
+    if path is None:
+        return
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise InferenceError(f"--offload_folder {path} is not a writable folder ({err.strerror}): "
+                             "give one you can write, or leave it out for a temporary one") from None
+
+
+def write_json(flag: str, path: str, value) -> None:
+    try:
+        with open(path, "w") as f:
+            json.dump(value, f, indent=1)
+    except OSError as err:
+        raise InferenceError(f"cannot write {flag} {path}: {err.strerror}") from None
 
 
 def collect_prompts(args) -> list[str] | None:
     """The prompts of a one-shot run, or None for an interactive stdin session."""
     prompts = list(args.prompt or [])
+    for prompt in prompts:
+        check_text(prompt, "--prompt")
     if args.prompt_file:
         prompts += read_prompt_file(args.prompt_file)
         if not prompts:
@@ -94,7 +131,11 @@ def run_session(generator: Generator, settings: SamplingSettings, args, prompts:
                       batch_size=args.batch_size, output=args.output)
     try:
         if prompts is None:
-            session.interactive(iter(sys.stdin), show_prompt=sys.stdin.isatty())
+            try:
+                session.interactive(iter(sys.stdin), show_prompt=sys.stdin.isatty())
+            except UnicodeDecodeError:
+                raise InferenceError("standard input is not UTF-8 text: send UTF-8, or pass the prompts with "
+                                     "--prompt_file") from None
         else:
             session.run_prompts(prompts)
     finally:
@@ -126,7 +167,7 @@ def infer_main(argv=None) -> int:
         if args.seed is not None:
             torch.manual_seed(args.seed)
         run_session(Generator(model, tokenizer), settings, args, prompts)
-    except InferenceError as err:
+    except (InferenceError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -199,9 +240,12 @@ def multi_device_main(argv=None) -> int:
     offload_dir = None
     try:
         settings = sampling_settings(args)
+        check_output_file("--save_device_map", args.save_device_map)
+        check_output_file("--stats_json", args.stats_json)
         config = checkpoint_config(args.model)
         tokenizer = load_tokenizer_for(args.model, args.tokenizer, config.vocab_size)
         prompts = collect_prompts(args)
+        check_offload_folder(args.offload_folder)  # last: it creates the folder
         dtype = resolve_dtype(args.dtype, config)
         max_memory = parse_max_memory(args.max_memory) if args.max_memory else None
         skeleton = empty_model(config)
@@ -209,8 +253,7 @@ def multi_device_main(argv=None) -> int:
         planned = planned_bytes(skeleton, device_map, dtype)
         print_device_map(device_map, planned)
         if args.save_device_map:
-            with open(args.save_device_map, "w") as f:
-                json.dump(device_map, f, indent=1)
+            write_json("--save_device_map", args.save_device_map, device_map)
         offload_folder = args.offload_folder
         if offload_folder is None and "disk" in device_map.values():
             offload_dir = tempfile.TemporaryDirectory(prefix="openmoe-offload-")
@@ -237,9 +280,8 @@ def multi_device_main(argv=None) -> int:
                      "peak_is_since_load": exact_peak, "new_tokens": generator.stats.new_tokens,
                      "seconds": generator.stats.seconds, "tokens_per_s": generator.stats.tokens_per_s,
                      "peak_rss_growth_mib": (peak - rss_before) / MIB}
-            with open(args.stats_json, "w") as f:
-                json.dump(stats, f, indent=1)
-    except InferenceError as err:
+            write_json("--stats_json", args.stats_json, stats)
+    except (InferenceError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -6,6 +6,7 @@ always receive here: the BOS and the pad are the same id, and without a mask tra
 for padding.
 """
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -28,16 +29,20 @@ class SamplingSettings:
     stop: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
+        # Written so that nan fails each test: every comparison with nan is False.
+        if not self.max_new_tokens >= 1:
             raise InferenceError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InferenceError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise InferenceError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise InferenceError(f"--top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
+            raise InferenceError(f"--top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not self.top_k >= 0:
             raise InferenceError(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise InferenceError(f"--repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise InferenceError(f"--repetition_penalty must be a finite number > 0 (1 = off), "
+                                 f"got {self.repetition_penalty}")
+        if "" in self.stop:
+            raise InferenceError("--stop needs a non-empty text (an empty one would cut every completion)")
 
     def generation_config(self, config, max_new_tokens: int) -> GenerationConfig:
         sample = not self.greedy and self.temperature > 0
@@ -46,6 +51,14 @@ class SamplingSettings:
                                 repetition_penalty=self.repetition_penalty, bos_token_id=config.bos_token_id,
                                 pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id,
                                 use_cache=True, **knobs)
+
+
+def check_text(text: str, where: str = "a prompt") -> None:
+    """Bytes that are not UTF-8 reach us from argv or a terminal as lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InferenceError(f"{where} is not UTF-8 text: {text[:40]!r}; send UTF-8") from None
 
 
 @dataclass
@@ -96,6 +109,7 @@ class Generator:
         self.stats = GenerationStats()
 
     def encode(self, text: str) -> list[int]:
+        check_text(text)
         return prompt_ids(self.tokenizer, text)
 
     def room(self, prompt_ids: list[list[int]], max_new_tokens: int) -> int:

@@ -1,15 +1,18 @@
 """Resolve what the inference scripts are asked to run: a checkpoint directory or a preset, its tokenizer, a dtype.
 
 Every problem a user can cause (a path that is not a checkpoint, a tokenizer from another model) becomes an
-InferenceError with one clear message; the scripts print it and exit with status 2.
+InferenceError with one clear message; the scripts print it and exit with status 2. Checkpoints load with the
+strict loader of `train.py --load_checkpoint`: weights that do not match the model exactly are a CheckpointError,
+which the scripts report the same way.
 """
 
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from ..model import PRESETS, OpenMoeConfig, OpenMoeForCausalLM
+from ..model.convert import load_any_checkpoint
 
 
 class InferenceError(Exception):
@@ -77,15 +80,25 @@ def load_model(spec: str, dtype: str = "auto", device: str = "cpu", seed: int = 
         with torch.device(device):
             model = OpenMoeForCausalLM._from_config(config, dtype=torch_dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, device_map=device)
+        model = load_any_checkpoint(spec, dtype=torch_dtype, device_map=device)
     return model.eval()
 
 
 def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InferenceError(f"--device {name} was asked for, but no CUDA device is available")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InferenceError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N (a GPU index)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InferenceError(f"--device {name} was asked for, but no CUDA device is available: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InferenceError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible "
+                                 f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return name
 
 

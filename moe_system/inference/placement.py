@@ -18,13 +18,14 @@ from accelerate.utils import (check_device_map, compute_module_sizes, convert_fi
                               get_balanced_memory, get_max_memory, infer_auto_device_map)
 from transformers import AutoModelForCausalLM
 
+from ..model.convert import load_pretrained_strict
 from .loading import InferenceError
 
 STRATEGIES = ("balanced", "sequential")
 
 
 def parse_max_memory(text: str) -> dict:
-    """"0=38GiB,1=38GiB,cpu=50GiB" -> {0: "38GiB", 1: "38GiB", "cpu": "50GiB"}."""
+    """"0=38GiB,1=38GiB,cpu=1000000" -> {0: "38GiB", 1: "38GiB", "cpu": 1000000}."""
     limits = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
@@ -40,6 +41,8 @@ def parse_max_memory(text: str) -> dict:
         elif key != "cpu":
             raise InferenceError(f"--max_memory device {key!r} is not a GPU index or 'cpu' (the disk takes "
                                  "whatever is left)")
+        if value.isdigit():
+            value = int(value)  # bytes; accelerate reads a bare number only as an int
         try:
             convert_file_size_to_int(value)
         except ValueError:
@@ -157,12 +160,14 @@ def device_name(device) -> str:
 
 def load_dispatched(path: str, device_map: dict, dtype: torch.dtype, offload_folder: str):
     """Load the checkpoint straight into the map: nothing is materialised outside the devices it names, and
-    disk-mapped weights stay in the checkpoint's safetensors (or in offload_folder when converted)."""
+    disk-mapped weights stay in the checkpoint's safetensors (or in offload_folder when converted).
+
+    Strictly, as `train.py --load_checkpoint` does: the tensor names and shapes in the safetensors headers are
+    checked against the model built on the meta device before any weight is read."""
     with warnings.catch_warnings():
         # Router weights are keyed by parameter name, which accelerate's check warns about but supports.
         warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
-        model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=offload_folder,
-                                                     dtype=dtype)
+        model = load_pretrained_strict(path, device_map=device_map, offload_folder=offload_folder, dtype=dtype)
     for name, module in model.named_modules():
         hook = getattr(module, "_hf_hook", None)
         if name.endswith(".mlp.experts") and hook is not None:

@@ -19,7 +19,14 @@ def read_prompt_file(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise InferenceError(f"prompt file {path} does not exist")
-    lines = [line for line in file.read_text().splitlines() if line.strip()]
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InferenceError(f"prompt file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                             f"{err.start}): save it as UTF-8") from None
+    except OSError as err:
+        raise InferenceError(f"cannot read prompt file {path}: {err.strerror}") from None
+    lines = [line for line in text.splitlines() if line.strip()]
     if file.suffix != ".jsonl":
         return lines
     prompts = []

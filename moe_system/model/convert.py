@@ -257,7 +257,8 @@ def read_weight_file(path: Path, meta: bool) -> dict[str, torch.Tensor]:
         # checkpoint on disk until its tensors are used.
         state = torch.load(path, map_location="meta" if meta else "cpu", weights_only=True, mmap=not meta)
     except Exception as err:
-        raise CheckpointError(f"cannot read weights from {path}: {err}") from None
+        raise CheckpointError(f"cannot read weights from {path}: {err} (a damaged or partly copied file: copy or "
+                              "save the checkpoint again)") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
     return state

@@ -15,7 +15,6 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import ModelOutput
 
 from ..moe.experts import swiglu3
 from ..moe.layer import OpenMoeSparseMLP
@@ -214,23 +213,21 @@ class OpenMoeModelOutput:
 
 
 # transformers 5.24 renamed the KV-cache field that generate() reads from model outputs (and passes back in) from
-# past_key_values to cache, and refuses both at once; we fill whichever this version of transformers uses.
+# past_key_values to cache, and refuses both at once; we fill whichever this version of transformers uses. Our
+# output inherits that field rather than declaring both: in 5.24 merely setting a past_key_values field logs a
+# deprecation warning on every forward.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @dataclass
-class OpenMoeCausalLMOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: object = None
-    cache: object = None
+class OpenMoeCausalLMOutput(CausalLMOutputWithPast):
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     router_z_loss: torch.Tensor | None = None
 
     @property
     def kv_cache(self):
-        return self.cache if self.cache is not None else self.past_key_values
+        return getattr(self, CACHE_FIELD)
 
 
 class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):

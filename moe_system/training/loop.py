@@ -246,8 +246,11 @@ def train(args) -> dict:
             window_steps += 1
             window_tokens += parts["tokens"].item()
             history.append(loss)
-            tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-            bar.set_postfix(loss=f"{loss:.4f}", aux=f"{parts['aux_loss'].item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            seconds = max(time.perf_counter() - window_start, 1e-9)
+            tokens_per_s = window_tokens / seconds  # target (loss-bearing) tokens only
+            # tok_s: every token processed, as perf/tokens_per_s; tgt_tok_s: the target tokens among them.
+            bar.set_postfix(loss=f"{loss:.4f}", aux=f"{parts['aux_loss'].item():.3f}",
+                            tok_s=f"{tokens_per_step * window_steps / seconds:,.0f}", tgt_tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
             if step % args.log_interval == 0 or step in (1, total_steps):
                 elapsed = time.perf_counter() - window_start
