@@ -24,11 +24,14 @@ PRESET=${1:-cpu-smoke}
 shift || true
 HOSTFILE=${HOSTFILE:-hostfile}
 # The released-size presets need the umT5 tokenizer (256384 tokens; a local directory, since a hub name is refused
-# offline) and a real dataset (default: the reference's self_instruct / super_natural_instructions).
+# offline) and a real dataset (default: the reference's self_instruct / super_natural_instructions; a DATASET of
+# your own gets TASK_NAME only if you set one, as local files have no hub configuration).
 openmoe_8b() {
   : "${TOKENIZER:?set TOKENIZER to a local umT5 tokenizer directory (e.g. a saved google/umt5-small)}"
+  local task=${TASK_NAME:-}
+  [[ -n ${DATASET:-} ]] || task=${TASK_NAME:-super_natural_instructions}
   echo "--model_name 8b --batch_size 1 --lr 1e-5 --num_epoch 1 --precision bf16 --tokenizer $TOKENIZER" \
-       "--dataset ${DATASET:-yizhongw/self_instruct} --task_name ${TASK_NAME:-super_natural_instructions}"
+       "--dataset ${DATASET:-yizhongw/self_instruct}${task:+ --task_name $task}"
 }
 
 case "$PRESET" in

@@ -220,6 +220,18 @@ def test_empty_and_missing_files_are_errors(tmp_path):
         load_records(str(tmp_path / "nope.jsonl"))
 
 
+def test_task_name_is_only_for_hub_data_sets(tmp_path):
+    from moe_system.data.records import is_hub_dataset
+
+    write_lines(tmp_path / "rows.jsonl", [json.dumps({"text": "a b"})])
+    for local in (str(tmp_path / "rows.jsonl"), "bundled", "bundled-text"):
+        assert not is_hub_dataset(local)
+        with pytest.raises(DataError, match="no configuration to pick with task_name 'cfg'"):
+            load_records(local, "cfg")
+    assert load_records(str(tmp_path / "rows.jsonl")) == [{"text": "a b"}]
+    assert is_hub_dataset("yizhongw/self_instruct") and not is_hub_dataset("./missing")
+
+
 def test_offline_hub_dataset_is_an_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

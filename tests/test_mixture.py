@@ -33,10 +33,18 @@ class Numbered(torch.utils.data.Dataset):
 def test_parse_sources():
     assert parse_sources("bundled") == [("bundled", 1.0)]
     assert parse_sources("bundled-text:0.7, data/x.jsonl:0.3") == [("bundled-text", 0.7), ("data/x.jsonl", 0.3)]
-    assert parse_sources("org/name:cfg,b:2") == [("org/name:cfg", 1.0), ("b", 2.0)]  # a non-number is no weight
-    for bad in ["a:-1", "a:0,b:0", ":1"]:
-        with pytest.raises(DataError):
+    assert parse_sources("org/name,b:2") == [("org/name", 1.0), ("b", 2.0)]
+    for bad in ["a:-1", "a:0,b:1", ":1", "a:nan,b:1", "a:inf", "a,,b", ""]:
+        with pytest.raises(DataError, match="each weight a number above 0"):
             parse_sources(bad)
+    with pytest.raises(DataError, match="'x' of 'bundled:x' is not a number"):  # not read as a hub name
+        parse_sources("bundled:x")
+
+
+def test_parse_sources_keeps_an_existing_path_with_a_colon(tmp_path):
+    path = tmp_path / "run:2.jsonl"
+    path.write_text("")
+    assert parse_sources(f"{path},bundled:3") == [(str(path), 1.0), ("bundled", 3.0)]
 
 
 def test_mixture_draws_by_weight_and_reads_each_source_without_repeats():

@@ -72,7 +72,7 @@ def pad_rows(examples, max_length: int, on_overlong: str, pad_id: int):
         raise DataError(f"record {first} is {len(examples[first][0])} tokens long (with BOS and EOS), more than "
                         f"max_length {max_length}; {len(overlong)} record(s) are too long, the longest has "
                         f"{longest} tokens. Raise --max_length to {longest} or truncate them "
-                        "(on_overlong='truncate')")
+                        "(--on_overlong truncate)")
     if overlong:
         logger.warning("truncated %d of %d examples to %d tokens", len(overlong), len(examples), max_length)
     input_ids, attention_mask, labels = [], [], []

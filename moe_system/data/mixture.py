@@ -19,6 +19,7 @@ StreamingRows reads a .jsonl/.txt file lazily for data that does not fit in memo
 """
 
 import json
+import math
 import os
 
 import numpy as np
@@ -31,23 +32,23 @@ from .records import clean_record
 
 
 def parse_sources(spec: str) -> list[tuple[str, float]]:
-    """"a:0.7,b:0.3" -> [("a", 0.7), ("b", 0.3)]; a single name (with no weight) -> [(name, 1.0)]."""
+    """"a:0.7,b:0.3" -> [("a", 0.7), ("b", 0.3)]; a name with no weight -> (name, 1.0). Weights are finite
+    numbers above 0; anything after the last ':' is a weight (hub names hold no ':'), except in an existing path."""
+    forms = "give name or name:weight, comma-separated, each weight a number above 0 " \
+            "(e.g. bundled-text:0.7,data/other.jsonl:0.3)"
     sources = []
     for item in spec.split(","):
         item = item.strip()
         name, sep, weight = item.rpartition(":")
+        if not sep or os.path.exists(os.path.expanduser(item)):
+            name, weight = item, "1"
         try:
-            value = float(weight) if sep else None
+            value = float(weight)
         except ValueError:
-            value = None
-        if value is None:  # no ":number" suffix: the whole item is the name (hub names may hold ':' elsewhere)
-            name, value = item, 1.0
-        if not name or value < 0:
-            raise DataError(f"--dataset: bad source {item!r}; use name or name:weight, comma-separated "
-                            "(e.g. bundled-text:0.7,data/other.jsonl:0.3)")
+            raise DataError(f"--dataset: the weight {weight!r} of {item!r} is not a number; {forms}") from None
+        if not name or not (math.isfinite(value) and value > 0):
+            raise DataError(f"--dataset: bad source {item!r}; {forms}")
         sources.append((name, value))
-    if sum(weight for _, weight in sources) <= 0:
-        raise DataError(f"--dataset {spec!r}: the weights sum to zero")
     return sources
 
 

@@ -188,15 +188,27 @@ def load_hub(name: str, task_name: str | None, split: str, skip_malformed: bool)
     return collector.finish(name)
 
 
+def is_hub_dataset(dataset: str) -> bool:
+    """Whether load_records reads this name from the Hugging Face hub: not built in, and not a local path."""
+    if dataset in ("bundled", "bundled-text"):
+        return False
+    path = os.path.expanduser(dataset)
+    return not os.path.exists(path) and not path.endswith(EXTENSIONS) and not path.startswith((".", "/", "~"))
+
+
 def load_records(dataset: str, task_name: str | None = None, split: str = "train", *,
                  skip_malformed: bool = False) -> Records:
     """Records of one split of a data set: dicts with "prompt" and "completion", or with "text".
 
     "bundled" is the bundled instruction set ("train", or "heldout" alias "validation"/"test"), "bundled-text" the
     bundled plain text. A local file or directory is read directly (its own name picks the split in a directory),
-    anything else is a hub data set. With skip_malformed, malformed records are dropped and counted in
-    `.skipped` of the returned list instead of raising.
+    anything else is a hub data set, task_name its configuration (local and bundled data have none: an error).
+    With skip_malformed, malformed records are dropped and counted in `.skipped` of the returned list instead of
+    raising.
     """
+    if task_name and not is_hub_dataset(dataset):
+        raise DataError(f"{dataset!r} is not a hub data set, so it has no configuration to pick with task_name "
+                        f"{task_name!r} (--task_name); drop it")
     if split not in ("train",) + HELDOUT_SPLITS and dataset in ("bundled", "bundled-text"):
         raise DataError(f"the bundled data has splits 'train' and 'heldout' (alias 'validation', 'test'), "
                         f"not {split!r}")
@@ -205,9 +217,9 @@ def load_records(dataset: str, task_name: str | None = None, split: str = "train
         return load_local(os.path.join(BUNDLED_DIR, name), split, skip_malformed)
     if dataset == "bundled-text":
         return load_bundled_text(split)
+    if is_hub_dataset(dataset):
+        return load_hub(dataset, task_name, split, skip_malformed)
     path = os.path.expanduser(dataset)
-    if os.path.exists(path):
-        return load_local(path, split, skip_malformed)
-    if path.endswith(EXTENSIONS) or path.startswith((".", "/", "~")):
+    if not os.path.exists(path):
         raise DataError(f"data file {dataset!r} does not exist")
-    return load_hub(dataset, task_name, split, skip_malformed)
+    return load_local(path, split, skip_malformed)

@@ -207,8 +207,9 @@ def checkpoint_config(path, *, source: str = "auto", t5x_config=None) -> OpenMoe
         return OpenMoeConfig.from_pretrained(path)
     if layout == "t5x":
         if t5x_config is None:
-            raise CheckpointError(f"{path} is a T5X checkpoint, which has no config: give a preset "
-                                  f"({', '.join(PRESETS)}) or a config.json (--preset / --config)")
+            raise CheckpointError(f"{path} is a T5X checkpoint, which has no config: convert it with "
+                                  f"`python -m moe_system.model.convert {path} OUT` and --preset "
+                                  f"({'/'.join(p for p in PRESETS if p != 'tiny')}) or --config config.json")
         return resolve_config(t5x_config)
     if t5x_config is not None:
         raise CheckpointError(f"{path} is a {layout} checkpoint with its own config.json; "

@@ -6,8 +6,12 @@ Defaults marked "per preset" come from PRESET_DEFAULTS so that `python train.py`
 """
 
 import argparse
+import math
 
-from ..model.config import DISPATCH_MODES, PRESETS, ROUTER_NOISE
+from ..data import DataError
+from ..data.mixture import parse_sources
+from ..data.records import is_hub_dataset
+from ..model.config import DISPATCH_MODES, PRESETS, ROUTER_NOISE, OpenMoeConfig
 
 PRESET_DEFAULTS = {
     # tiny: the embedded demo, sized to learn the bundled tasks in a few minutes on 2 CPU cores. lr 1e-3, not
@@ -24,9 +28,14 @@ NOT_YET = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line: the usage block of this many flags runs to 40 lines (--help has them)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train or finetune an OpenMoE model with expert parallelism.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="train.py", description="Train or finetune an OpenMoE model with expert parallelism.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model_name", default="tiny", choices=sorted(PRESETS), help="architecture preset")
     g.add_argument("--load_checkpoint", default=None, help="start from this Hugging Face-format checkpoint dir")
@@ -49,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'bundled', 'bundled-text', 'synthetic' (random tokens, for throughput), a local "
                    ".jsonl/.json/.parquet/.txt file or dir, or a hub dataset name; a weighted mix as "
                    "comma-separated source:weight, e.g. bundled-text:0.7,data/other.jsonl:0.3")
-    g.add_argument("--task_name", default=None, help="hub dataset config, e.g. super_natural_instructions")
+    g.add_argument("--task_name", default=None,
+                   help="configuration of a hub --dataset, e.g. super_natural_instructions (hub data sets only)")
     g.add_argument("--eval_dataset", default=None, help="held-out data, or several comma-separated, each "
                    "reported as eval/<name>/loss and /perplexity (default: the bundled held-out split when "
                    "training on bundled data)")
@@ -62,9 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None, help="tokenizer dir or sentencepiece .model (default: bundled)")
     g.add_argument("--max_length", type=int, default=None, help="tokens per row (default: per preset)")
     g.add_argument("--packing", default="pad", choices=["pad", "pack"], help="one example per row, or packed")
+    g.add_argument("--on_overlong", default="error", choices=["error", "truncate"],
+                   help="--packing pad, --objective lm: an example longer than --max_length stops the run with an "
+                   "error, or is cut to --max_length (its tail is not trained on)")
     g.add_argument("--no_mask_prompt", dest="mask_prompt", action="store_false",
                    help="also train on prompt tokens (default: loss on completions only)")
-    g.add_argument("--skip_malformed", action="store_true", help="skip (and count) malformed data lines")
+    g.add_argument("--skip_malformed", action="store_true",
+                   help="skip (and count) malformed records of local files and hub data sets, training and held-out")
     g.add_argument("--streaming", action="store_true",
                    help="read a .jsonl/.txt --dataset (file or directory) lazily instead of loading it: for data that "
                    "does not fit in memory. Each data-parallel rank reads every n-th record, the files repeat "
@@ -73,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=None, help="sequences per data-parallel rank per step")
     g.add_argument("--num_epoch", type=int, default=None, help="epochs (default: per preset)")
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (at least 1)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per preset)")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decay; norms are never decayed")
     g.add_argument("--lr_scheduler", default=None, choices=["constant", "cosine", "inverse_sqrt"])
@@ -125,32 +139,172 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def at_least(low, note: str = ""):
+    return (lambda value: value >= low), f"at least {low}" + (f" ({note})" if note else "")
+
+
+def above(low):
+    return (lambda value: value > low), f"above {low}"
+
+
+# The values every int and float flag takes, checked in one loop; the loop raises KeyError for a numeric flag
+# missing here, so a new one cannot go unchecked. Float flags must also be finite (nan fails every comparison,
+# but inf passes `> 0`).
+RANGES = {
+    "router_topk": at_least(1),  # and at most the model's experts: check_against_model
+    "router_bias_update_rate": at_least(0, "0 disables it"),
+    "expert_init_scale": above(0),
+    "max_length": at_least(2, "a row holds BOS and EOS"),  # and at most the model's positions
+    "batch_size": at_least(1),
+    "num_epoch": at_least(1),
+    "max_steps": at_least(1, "leave it out to train --num_epoch epochs"),
+    "lr": above(0),
+    "weight_decay": at_least(0),
+    "warmup_steps": at_least(0),
+    "max_grad_norm": at_least(0, "0 disables clipping"),
+    "grad_accum_steps": at_least(1),
+    "max_nonfinite_steps": at_least(1),
+    "router_aux_loss_factor": at_least(0),
+    "router_z_loss_factor": at_least(0),
+    "z_loss_factor": at_least(0),
+    "label_smoothing": ((lambda value: 0 <= value < 1), "at least 0 and below 1"),
+    "seed": ((lambda value: 0 <= value < 2**32), "in 0 .. 2**32-1 (numpy's seed range)"),
+    "zero_stage": at_least(0),  # argparse's choices say which
+    "extra_dp_size": at_least(1),
+    "pp_size": at_least(1),
+    "dp_size": at_least(1),
+    "ep_size": at_least(1),
+    "microbatch_size": at_least(1),
+    "load_balance_interval": at_least(1),
+    "comm_overlap_chunks": at_least(1),
+    "save_interval": at_least(1),
+    "save_total_limit": at_least(0, "0 keeps all"),
+    "log_interval": at_least(1),
+    "eval_interval": at_least(0, "0 evaluates at the end only"),
+    "eval_samples": at_least(1),
+    "peak_tflops": above(0),
+}
+
+# Flags that only one plugin reads: the others lay out experts from the world size alone.
+PLUGIN_FLAGS = {"pp_size": "hybrid", "dp_size": "hybrid", "ep_size": "hybrid", "microbatch_size": "hybrid",
+                "extra_dp_size": "ep_zero"}
+BUILT_IN_DATA = ("bundled", "bundled-text", "synthetic")
+
+
+def given_flags(argv) -> set[str]:
+    """The dests of the flags on the command line itself: a parse with every default suppressed."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def conflicts(args, given: set[str]):
+    """Each flag that cannot apply to this run, as the message to stop with."""
     for flag, feature in NOT_YET.items():
         if getattr(args, flag):
-            parser.error(f"{feature} is not yet available in moe_system; drop --{flag}")
-    for key, value in PRESET_DEFAULTS[args.model_name].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.objective == "ul2" and args.packing == "pack":
-        parser.error("--objective ul2 builds one example per row; drop --packing pack")
+            yield f"{feature} is not yet available in moe_system; drop --{flag}"
+    for flag, plugin in PLUGIN_FLAGS.items():
+        if flag in given and args.plugin != plugin:
+            yield f"--{flag} applies to --plugin {plugin} only (this run uses --plugin {args.plugin}); " \
+                  f"drop --{flag} or pass --plugin {plugin}"
+    pipeline = args.plugin == "hybrid" and args.pp_size > 1
+    if "microbatch_size" in given and args.plugin == "hybrid" and not pipeline:
+        yield "--microbatch_size splits the batch for a pipeline, and --pp_size 1 has none; drop --microbatch_size"
+    for flag, needs in (("load_balance_interval", "load_balance"), ("comm_overlap_chunks", "comm_overlap")):
+        if flag in given and not getattr(args, needs):
+            yield f"--{flag} applies with --{needs} only; pass --{needs} or drop --{flag}"
     if args.ul2_weights and args.objective != "ul2":
-        parser.error("--ul2_weights applies to --objective ul2 only")
+        yield "--ul2_weights applies to --objective ul2 only"
+    if args.objective == "ul2" and args.packing == "pack":
+        yield "--objective ul2 builds one example per row; drop --packing pack"
+    if args.objective == "ul2" and not args.mask_prompt:
+        yield "--objective ul2 trains on prompt and completion as one text; drop --no_mask_prompt"
+    if "on_overlong" in given:
+        for bad, why in ((args.packing == "pack", "--packing pack continues a long example in the next row"),
+                         (args.objective == "ul2", "--objective ul2 cuts long documents into pieces"),
+                         (args.streaming and args.on_overlong != "truncate", "--streaming truncates long examples")):
+            if bad:
+                yield f"--on_overlong applies to padded lm rows only: {why}; drop --on_overlong"
     if args.streaming:
         for bad, why in ((not args.max_steps, "the stream repeats endlessly; set --max_steps"),
                          ("," in args.dataset, "it reads one file or directory, not a weighted mix"),
                          (args.packing == "pack", "it builds one padded example per row; drop --packing pack"),
-                         (args.objective == "ul2", "it trains the lm objective; drop --objective ul2")):
+                         (args.objective == "ul2", "it trains the lm objective; drop --objective ul2"),
+                         ("num_epoch" in given, "the stream has no epochs; drop --num_epoch (--max_steps bounds it)")):
             if bad:
-                parser.error(f"--streaming: {why}")
+                yield f"--streaming: {why}"
     if args.resume and args.load_checkpoint:
-        parser.error("--resume restores the model it saved; --load_checkpoint would be ignored. Pass one of them")
+        yield "--resume restores the model it saved; --load_checkpoint would be ignored. Pass one of them"
+
+    try:
+        names = [name for name, _ in parse_sources(args.dataset)]
+    except DataError as error:
+        yield str(error)
+        return
+    eval_names = args.eval_dataset.split(",") if args.eval_dataset else (["bundled"] if args.dataset == "bundled"
+                                                                         else [])  # as train() picks them
+    if not all(name.strip() for name in eval_names):
+        yield f"--eval_dataset {args.eval_dataset!r} has an empty name; give comma-separated data set names"
+    if all(name == "synthetic" for name in names):
+        for flag, shown in (("objective", "--objective"), ("packing", "--packing"), ("mask_prompt", "--no_mask_prompt"),
+                            ("on_overlong", "--on_overlong")):
+            if flag in given:
+                yield f"{shown} does not apply to --dataset synthetic (random token rows); drop {shown}"
+    if args.task_name and not any(is_hub_dataset(name) for name in names if name != "synthetic"):
+        yield f"--task_name picks a configuration of a Hugging Face hub data set, and --dataset {args.dataset} " \
+              f"names none (local files and built-in data have no configurations); drop --task_name"
+    if args.skip_malformed and all(name in BUILT_IN_DATA for name in names + eval_names):
+        yield "--skip_malformed applies to local files and hub data sets; the built-in data has no malformed " \
+              "records: drop --skip_malformed"
+    # (--eval_samples only caps the held-out examples: a preset may pass it whatever the data)
+    if args.eval_interval and not eval_names:
+        yield "--eval_interval: this run has no held-out set (only --dataset bundled brings one); pass " \
+              "--eval_dataset or drop --eval_interval"
+    if args.eval_interval and pipeline:
+        yield "--eval_interval: a pipeline evaluates at the end only (from the saved model); drop --eval_interval"
+
+
+def check_against_model(args) -> str | None:
+    """What no model of this run's config can do: more experts per token than it has, rows past its positions."""
+    if args.load_checkpoint:
+        from ..model.convert import checkpoint_config  # reads config.json only
+
+        config, which = checkpoint_config(args.load_checkpoint), f"the model in {args.load_checkpoint}"
+    else:
+        config, which = OpenMoeConfig.from_preset(args.model_name), f"the {args.model_name} preset"
+    if args.router_topk is not None and args.router_topk > config.num_experts:
+        return f"--router_topk {args.router_topk}: {which} has {config.num_experts} experts per MoE layer; " \
+               f"use --router_topk 1 to {config.num_experts}"
+    if args.max_length > config.max_position_embeddings:
+        return f"--max_length {args.max_length} is beyond the {config.max_position_embeddings} positions of " \
+               f"{which}; use --max_length {config.max_position_embeddings} or less"
+    return None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """train.py's flags, every one checked before any work: ranges (RANGES), combinations (conflicts) and the
+    model's limits. A problem ends the process with one `train.py: error: ...` line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = given_flags(argv)
+    for key, value in PRESET_DEFAULTS[args.model_name].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.type not in (int, float) or value is None:
+            continue
+        test, what = RANGES[action.dest]
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{action.option_strings[0]} must be a finite number ({what}), got {value}")
+        if not test(value):
+            parser.error(f"{action.option_strings[0]} must be {what}, got {value}")
+    for problem in conflicts(args, given):
+        parser.error(problem)
+    problem = check_against_model(args)
+    if problem:
+        parser.error(problem)
     if args.output_path is None:
         args.output_path = f"outputs/openmoe-{args.model_name}"
-    for name in ("batch_size", "max_length", "num_epoch", "grad_accum_steps", "save_interval", "load_balance_interval",
-                 "comm_overlap_chunks"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from ..data import DataError, build_dataset, load_records, load_tokenizer
 from ..data.mixture import (MixtureRows, SourceTokenCounter, StreamingRows, parse_sources, source_label,
                             streaming_files)
+from ..data.records import is_hub_dataset
 from ..data.synthetic import SyntheticTokens
 from ..data.ul2 import OPENMOE_UL2_WEIGHTS, UL2Rows
 from ..model import OpenMoeConfig, OpenMoeForCausalLM
@@ -122,7 +123,8 @@ def train(args) -> dict:
         token_counter = SourceTokenCounter(labels)
     eval_sources = args.eval_dataset.split(",") if args.eval_dataset else (["bundled"] if args.dataset == "bundled"
                                                                            else [])
-    eval_records = {name: load_records(name, None, "heldout") for name in eval_sources}  # {set name: records}
+    eval_records = {name: load_records(name, None, "heldout", skip_malformed=args.skip_malformed)
+                    for name in eval_sources}  # {set name: records}
 
     model = build_model(args, config)
     if args.gradient_checkpointing:
@@ -312,10 +314,12 @@ def build_train_source(args, name: str, tokenizer, config):
     """One training data set: random tokens, UL2 examples (--objective ul2) or next-token rows."""
     if name == "synthetic":
         return SyntheticTokens(config.vocab_size, args.max_length, seed=args.seed)
-    records = load_records(name, args.task_name, "train", skip_malformed=args.skip_malformed)
+    task_name = args.task_name if is_hub_dataset(name) else None  # a mix may hold local files beside a hub set
+    records = load_records(name, task_name, "train", skip_malformed=args.skip_malformed)
     if args.objective == "ul2":
         return UL2Rows(records, tokenizer, args.max_length, args.ul2_weights or OPENMOE_UL2_WEIGHTS, seed=args.seed)
-    return build_dataset(records, tokenizer, args.max_length, mode=args.packing, mask_prompt=args.mask_prompt)
+    return build_dataset(records, tokenizer, args.max_length, mode=args.packing, mask_prompt=args.mask_prompt,
+                         on_overlong=args.on_overlong)
 
 
 def run_eval(model, tokenizer, eval_sets: dict, args, device) -> dict:
