@@ -5,19 +5,37 @@ Launch across processes with `colossalai run --nproc_per_node N train.py ...` or
 
 import sys
 
-from moe_system.data import DataError
-from moe_system.model.convert import CheckpointError
-from moe_system.parallel.layout import LayoutError
-from moe_system.training.args import parse_args
-from moe_system.training.loop import NonFiniteLossError, train
+from moe_system.training import interrupt
+
+interrupt.install()  # first: Ctrl-C or SIGTERM while torch imports ends with one line, not a traceback
+
+import torch.distributed as dist  # noqa: E402
+
+from moe_system.data import DataError  # noqa: E402
+from moe_system.model.convert import CheckpointError  # noqa: E402
+from moe_system.parallel.faults import lost_peer, report_once  # noqa: E402
+from moe_system.parallel.layout import LayoutError  # noqa: E402
+from moe_system.training.args import parse_args  # noqa: E402
+from moe_system.training.loop import NonFiniteLossError, train  # noqa: E402
 
 # Problems with what the user gave us: one clear line, no traceback, non-zero exit.
 USER_ERRORS = (DataError, CheckpointError, LayoutError, NonFiniteLossError, FileNotFoundError, PermissionError,
                ImportError)
 
+
+def stop(line: str, key: str | None = None) -> None:
+    interrupt.ignore()  # exiting already: the signal torchrun sends the other ranks once one exits adds nothing
+    report_once(line, key)  # once, though every rank may have found it
+    sys.exit(1)
+
+
 if __name__ == "__main__":
     try:
         train(parse_args())
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        stop(f"error: {error}")
+    except RuntimeError as error:
+        if not lost_peer(error):
+            raise
+        # The rank that failed says why (or torchrun's summary names it); the others add one line, not a traceback.
+        stop(f"rank {dist.get_rank()}: stopping because another rank failed", key="lost peer")

@@ -8,6 +8,8 @@ FAULT_INF_RANKS=1       ... on these ranks only (default: every rank)
 FAULT_KILL_IN_SAVE=N    SIGKILL every rank in the middle of writing its N-th checkpoint: model and optimizer are
                         in .checkpoint-STEP.partial, the RNG states and trainer_state.json not yet
 FAULT_KILL_AFTER_SAVE=N SIGKILL every rank right after its N-th checkpoint was published
+FAULT_SIGNAL_IN_SAVE=N  SIGTERM every rank in the middle of writing its N-th checkpoint, after waiting out the
+                        window in which a repeat counts as the same signal (so it is a second one after an earlier)
 
 Single process: `python tests/fault_launcher.py ARGS`; several: `torchrun ... tests/fault_launcher.py ARGS`.
 """
@@ -16,6 +18,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +66,19 @@ def kill_in_save(nth: int) -> None:
     checkpoint_module.rng_state = dying_rng_state
 
 
+def signal_in_save(nth: int) -> None:
+    rng_state, count = checkpoint_module.rng_state, [0]
+
+    def signalling_rng_state():
+        count[0] += 1
+        if count[0] == nth:
+            time.sleep(2.5)  # longer than interrupt.REPEAT_WINDOW_S
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rng_state()
+
+    checkpoint_module.rng_state = signalling_rng_state
+
+
 def kill_after_save(nth: int) -> None:
     save_checkpoint, count = loop.save_checkpoint, [0]
 
@@ -81,6 +97,8 @@ if __name__ == "__main__":
         inject_inf_gradients(numbers("FAULT_INF_GRAD"), numbers("FAULT_INF_RANKS"))
     if os.environ.get("FAULT_KILL_IN_SAVE"):
         kill_in_save(int(os.environ["FAULT_KILL_IN_SAVE"]))
+    if os.environ.get("FAULT_SIGNAL_IN_SAVE"):
+        signal_in_save(int(os.environ["FAULT_SIGNAL_IN_SAVE"]))
     if os.environ.get("FAULT_KILL_AFTER_SAVE"):
         kill_after_save(int(os.environ["FAULT_KILL_AFTER_SAVE"]))
     sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]

@@ -160,17 +160,31 @@ class StreamingRows(torch.utils.data.IterableDataset):
         self.skip_malformed = skip_malformed
         self.pad_id, _ = special_ids(tokenizer)
 
-    def check_every_rank_has_rows(self) -> None:
-        """Raises unless the files hold a record for every rank; reads only the first world_size records."""
+    def check_every_rank_has_rows(self, group=None, device=None) -> None:
+        """Raises unless the files hold a record for every rank; reads only the first world_size records. With
+        skip_malformed, also unless every rank has a usable one: a collective over the data-parallel group (every
+        rank raises the same error before the first step, instead of one rank at the end of its records)."""
         found = 0
         for path in self.paths:
             with open(path, encoding="utf-8") as f:
                 for line in f:
                     found += bool(line.strip())
                     if found >= self.world_size:
-                        return
-        raise DataError(f"{', '.join(self.paths)}: {found} record(s) for {self.world_size} data-parallel ranks; "
-                        f"streaming needs at least one record per rank")
+                        break
+        if found < self.world_size:
+            raise DataError(f"{', '.join(self.paths)}: {found} record(s) for {self.world_size} data-parallel ranks; "
+                            f"streaming needs at least one record per rank")
+        if not self.skip_malformed:  # a malformed record raises on its own
+            return
+        empty = torch.zeros(self.world_size, dtype=torch.int32, device=device)
+        empty[self.rank] = next(self.records(), None) is None  # reads up to this rank's first usable record
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(empty, group=group)
+        if empty.any():
+            ranks = ", ".join(str(r) for r in empty.nonzero().flatten().tolist())
+            raise DataError(f"--streaming: {', '.join(self.paths)} gave no usable record to data-parallel rank(s) "
+                            f"{ranks} (all of theirs are malformed, skipped by --skip_malformed); fix the records "
+                            f"or use fewer data-parallel ranks")
 
     def records(self):
         """This rank's records, one at a time (a line is parsed only when its turn comes)."""

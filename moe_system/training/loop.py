@@ -26,6 +26,7 @@ from ..moe.balancing import update_expert_bias
 from ..moe.load import ExpertLoadMeter
 from ..parallel.plugin import build_plugin, init_distributed
 from ..parallel.rebalance import ExpertRebalancer, format_rebalance
+from . import interrupt
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_model
 from .evaluate import evaluate_loss, exact_match
 from .flops import param_counts, train_flops_per_token
@@ -113,7 +114,7 @@ def train(args) -> dict:
                                   rank=dist.get_group_rank(plugin.dp_group, dist.get_rank()),
                                   world_size=plugin.dp_group.size(), mask_prompt=args.mask_prompt,
                                   skip_malformed=args.skip_malformed)]
-        datasets[0].check_every_rank_has_rows()
+        datasets[0].check_every_rank_has_rows(plugin.dp_group, device)
     else:
         datasets = [build_train_source(args, name, tokenizer, config) for name, _ in sources]
     dataset, token_counter = datasets[0], None
@@ -179,7 +180,12 @@ def train(args) -> dict:
     peak = args.peak_tflops or (H100_BF16_PEAK_TFLOPS if torch.cuda.is_available() else None)
     tokens_per_step = args.batch_size * args.grad_accum_steps * layout.dp_size * args.max_length
 
-    def checkpoint():
+    saved = (None, None)  # (step, path) of the last checkpoint: a stop right after a save does not write it again
+
+    def checkpoint() -> str:
+        nonlocal saved
+        if saved[0] == step:
+            return saved[1]
         state = {"step": step, "skipped_steps": skipped, "overflow_steps": overflows, "consumed_steps": consumed,
                  "epoch": consumed // steps_per_epoch if steps_per_epoch else None,
                  "args": vars(args), "layout": layout.describe()}
@@ -187,8 +193,9 @@ def train(args) -> dict:
             state["stream_rows_per_rank"] = consumed * args.grad_accum_steps * args.batch_size
         if token_counter:  # the totals over data-parallel ranks (a collective: every rank saves)
             state["source_tokens"] = token_counter.state_dict(plugin.dp_group)
-        save_checkpoint(booster, model, optimizer, scheduler, tokenizer, args.output_path, state,
-                        args.save_total_limit or None)
+        saved = step, save_checkpoint(booster, model, optimizer, scheduler, tokenizer, args.output_path, state,
+                                      args.save_total_limit or None)
+        return saved[1]
 
     def skip_update(what: str) -> None:
         """A step with a non-finite loss or gradient: no update, counted, logged; K in a row stop the run."""
@@ -209,12 +216,17 @@ def train(args) -> dict:
     model.train()
     window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
     consecutive_bad, history, last_load = 0, [], {}
+    interrupt.stop_at_step_end()
     while step < total_steps:
         if steps_per_epoch:  # map-style data (streaming resumes through dataset.skip_rows)
             epoch, done_in_epoch = divmod(consumed, steps_per_epoch)
             # The reference never called set_epoch (same order every epoch); a resumed run restarts mid-epoch.
             dataloader.sampler.set_epoch(epoch, done_in_epoch * args.grad_accum_steps * args.batch_size)
         for micro_batches in micro_batch_groups(dataloader, args.grad_accum_steps):
+            if interrupt.stop_requested():  # every rank, every step: a signal on any of them stops all here
+                bar.close()
+                logger.close()
+                interrupt.exit_saved(step, checkpoint())
             consumed += 1
             if layout.is_pipeline:
                 parts = pipeline_forward_backward(booster, model, optimizer, micro_batches, plugin.dp_group,
