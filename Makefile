@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt Makefile
 	$(PY) -m pip install -q --no-deps colossalai==0.5.0
 	touch $@
 
-.PHONY: venv demo test
+.PHONY: venv demo test test-fast
 venv: $(VENV)/.installed
 
 demo: venv
@@ -25,3 +25,7 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# The in-process tests only (no multi-process launches, nothing over ~20 s): a few minutes.
+test-fast: venv
+	$(PY) -m pytest -q tests -m "not slow and not distributed"

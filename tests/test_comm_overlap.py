@@ -61,6 +61,7 @@ def layer_parity(request, tmp_path_factory):
     return result["records"]
 
 
+@pytest.mark.distributed
 def test_overlapped_layers_match_the_plain_exchange(layer_parity):
     lines = []
     for r in layer_parity:
@@ -79,6 +80,7 @@ def test_overlapped_layers_match_the_plain_exchange(layer_parity):
     print("\n".join(lines))
 
 
+@pytest.mark.distributed
 def test_checkpointing_recomputes_the_overlapped_exchange_exactly(layer_parity):
     """Non-reentrant checkpointing re-runs the forward (its collectives too) inside the backward: the result is
     bit for bit the one without checkpointing."""
@@ -111,6 +113,8 @@ def _train(tmp_path, name: str, extra: list[str]):
             if "train/lm_loss" in r]
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_train_py_hybrid_with_comm_overlap_gives_the_same_losses(tmp_path):
     plain = _train(tmp_path, "plain", [])
     overlapped = _train(tmp_path, "overlap", ["--comm_overlap", "--comm_overlap_chunks", "3",

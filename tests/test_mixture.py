@@ -127,6 +127,7 @@ def test_train_on_a_two_source_mix_logs_per_source_tokens_and_evaluates_each_set
     assert "eval/bundled/exact_match" in summary
 
 
+@pytest.mark.distributed
 def test_ul2_mix_under_the_ep_plugin_on_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run(["timeout", "-k", "5", "200", sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -28,6 +28,7 @@ CASES = [  # the optimizer paths of parallel/plugin.py, with and without clippin
 ]
 
 
+@pytest.mark.distributed
 def test_every_optimizer_path_skips_a_nonfinite_gradient_on_every_rank():
     # The gradient is poisoned on the last rank only: the all-reduced norm must make every rank skip.
     proc = launch("dist_nonfinite.py", 2, [json.dumps(c) for c in CASES], timeout=240)
@@ -35,6 +36,7 @@ def test_every_optimizer_path_skips_a_nonfinite_gradient_on_every_rank():
     assert all(f"case {c['name']} ok" in proc.stdout for c in CASES), proc.stdout[-3000:]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_nonfinite_gradients_are_skipped_and_k_in_a_row_stop_the_run(tmp_path, nproc):
     """Step groups 3 and 6-8 get an inf gradient (on rank 1 only with 2 processes: ZeRO-2 under --plugin ep):

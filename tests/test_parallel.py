@@ -119,16 +119,19 @@ def _compare(name: str, case: dict, result: dict, world: int) -> dict:
     return {"loss": (got - want).abs().max().item(), "param": diff}
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", [n for n, c in CASES_2.items() if not c.get("resume_at")])
 def test_two_process_parity(name, results_2):
     _compare(name, CASES_2[name], results_2[name], world=2)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", [n for n, c in CASES_4.items() if not c.get("eval_only")])
 def test_four_process_parity(name, results_4):
     _compare(name, CASES_4[name], results_4[name], world=4)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", OVERLAP_TWINS)
 def test_comm_overlap_matches_the_plain_exchange(name, results_2, results_4):
     """--comm_overlap only reorders communication: the same losses, norms and parameters as its twin to float
@@ -157,6 +160,7 @@ def test_clipping_is_active_in_the_clipping_cases():
         assert min(reference_for(case, world)["norms"]) > case["max_norm"]
 
 
+@pytest.mark.distributed
 def test_resume_from_model_and_optimizer_checkpoint_is_exact(results_2):
     # bf16 ZeRO-1: saved after step 1, rebuilt from fresh weights, reloaded; steps 2-3 must be bit-identical.
     plain, resumed = results_2["ep_z1_bf16"], results_2["ep_z1_bf16_resume"]
@@ -166,6 +170,7 @@ def test_resume_from_model_and_optimizer_checkpoint_is_exact(results_2):
 
 @pytest.mark.parametrize("saved, trained", [("ckpt_ep2", ("2", "ep_z1_fp32_save")),
                                             ("ckpt_hybrid", ("4", "hybrid_pp2_ep2_z1_fp32_save"))])
+@pytest.mark.distributed
 def test_saved_checkpoint_loads_with_from_pretrained(saved, trained, workdir, results_2, results_4):
     import moe_system.model  # noqa: F401  registers the Auto classes
     from transformers import AutoModelForCausalLM
@@ -181,6 +186,7 @@ def test_saved_checkpoint_loads_with_from_pretrained(saved, trained, workdir, re
     assert all(torch.equal(single_file[k].float(), v) for k, v in result["state"].items())
 
 
+@pytest.mark.distributed
 def test_checkpoint_from_ep2_gives_the_same_function_in_ep4_and_ep1(workdir, results_2, results_4):
     import moe_system.model  # noqa: F401
     from transformers import AutoModelForCausalLM

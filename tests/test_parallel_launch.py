@@ -42,11 +42,13 @@ def _check(proc, hosts: list[str], output: str):
     assert os.path.isfile(os.path.join(output, "final", "config.json"))
 
 
+@pytest.mark.distributed
 def test_colossalai_run_single_node(tmp_path):
     out = str(tmp_path / "run")
     _check(_colossalai_run(["--nproc_per_node", "2"], out), ["127.0.0.1"], out)
 
 
+@pytest.mark.distributed
 def test_colossalai_run_two_nodes_over_loopback(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("127.0.0.1\nlocalhost\n")

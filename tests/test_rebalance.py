@@ -187,6 +187,8 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n, c in (CASES_2 | CASES_4).items() if not c.get("weights_only")])
 def test_rebalancing_leaves_training_bit_identical(name, results):
     plain, moved, resumed = (results[name][k] for k in ("plain", "moved", "resumed"))
@@ -208,6 +210,8 @@ def test_rebalancing_leaves_training_bit_identical(name, results):
         assert sum(v for k, v in searched.items() if k.startswith(f"rebalance/{layer}/expert")) == pytest.approx(1.0)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_moving_experts_without_their_optimizer_state_is_caught(results):
     broken = results["ep_zero_z1_moments_left_behind"]
     assert broken["moved"]["losses"][:2] == broken["plain"]["losses"][:2]  # identical until the first move
@@ -215,6 +219,8 @@ def test_moving_experts_without_their_optimizer_state_is_caught(results):
     assert _max_diff(broken["moved"]["state"], broken["plain"]["state"]) > 1e-3
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_train_py_with_load_balance_logs_the_moves_and_trains_identically(tmp_path):
     """train.py under torchrun (ep=2, with --comm_overlap too): rebalancing every 2 steps gives the same losses and
     final weights as no rebalancing, and its before/after figures reach the console and metrics.jsonl."""

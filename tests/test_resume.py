@@ -39,6 +39,8 @@ def final_weights(output: Path) -> dict:
     return weights
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigkill_then_resume_is_bit_exact(tmp_path, nproc):
     straight = tmp_path / "straight"
@@ -73,6 +75,8 @@ def test_resume_with_nothing_to_resume_is_a_clear_error(tmp_path):
     assert "no checkpoint-STEP directory" in out.stderr
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_resume_into_another_layout_is_refused_and_the_weights_load_anywhere(tmp_path):
     out = tmp_path / "ep2"
     first = subprocess.run(command(2, out, "--max_steps", "4"), cwd=ROOT, env=env(), capture_output=True,
@@ -88,6 +92,7 @@ def test_resume_into_another_layout_is_refused_and_the_weights_load_anywhere(tmp
     assert fresh.returncode == 0, fresh.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_sigkill_while_saving_leaves_the_previous_checkpoint_and_resumes_bit_exact(tmp_path):
     """SIGKILL in the middle of writing checkpoint-8 (model and optimizer written, not yet published): the
     .checkpoint-8.partial leftover is no checkpoint, --resume latest takes checkpoint-4, and the run ends with the

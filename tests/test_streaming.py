@@ -71,6 +71,8 @@ def straight(data, tmp_path_factory):
     return run
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_streaming_kill_then_resume_is_bit_exact(data, straight, tmp_path, nproc):
     reference = straight(nproc)
@@ -88,6 +90,7 @@ def test_streaming_kill_then_resume_is_bit_exact(data, straight, tmp_path, nproc
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+@pytest.mark.distributed
 def test_streaming_shards_by_data_parallel_rank_and_feeds_a_pipeline_one_stream(data, straight, tmp_path):
     """Step 1 is the same global batch of records 0-7 (the same initial weights, dropless routing) whether one
     process reads them, two EP ranks read the even and the odd ones, or a two-stage pipeline (one data-parallel

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +22,7 @@ def run(cmd, **kw):
     return out
 
 
+@pytest.mark.slow
 def test_tiny_demo_learns_the_bundled_tasks_and_infer_reads_its_checkpoint(tmp_path):
     output = tmp_path / "run"
     run(["train.py", "--max_steps", "400", "--output_path", str(output), "--log_interval", "100",

@@ -62,6 +62,7 @@ def test_wandb_is_optional_and_asked_for_explicitly(tmp_path, monkeypatch):
         MetricsLogger(str(tmp_path), enabled=True, wandb_project="p")
 
 
+@pytest.mark.distributed
 def test_router_options_and_synthetic_data_under_expert_parallelism(tmp_path):
     """Two processes, ep=2: random-token batches, jitter noise and aux-loss-free balancing train, and the learned
     selection bias is saved with the model (the same on every rank: counts are summed over data-parallel ranks)."""
