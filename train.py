@@ -10,10 +10,11 @@ from moe_system.model.convert import CheckpointError
 from moe_system.parallel.layout import LayoutError
 from moe_system.training.args import parse_args
 from moe_system.training.loop import NonFiniteLossError, train
+from moe_system.training.output_dir import OutputDirError
 
 # Problems with what the user gave us: one clear line, no traceback, non-zero exit.
-USER_ERRORS = (DataError, CheckpointError, LayoutError, NonFiniteLossError, FileNotFoundError, PermissionError,
-               ImportError)
+USER_ERRORS = (DataError, CheckpointError, LayoutError, NonFiniteLossError, OutputDirError, FileNotFoundError,
+               PermissionError, ImportError)
 
 if __name__ == "__main__":
     try:

@@ -115,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_path", default=None, help="default: outputs/openmoe-<model_name>")
     g.add_argument("--save_interval", type=int, default=1000, help="steps between full-state checkpoints")
     g.add_argument("--save_total_limit", type=int, default=3, help="checkpoints kept (oldest removed); 0 keeps all")
-    g.add_argument("--resume", default=None, help="'latest' (newest checkpoint in --output_path) or a checkpoint dir")
+    g.add_argument("--resume", default=None, help="'latest' (newest intact checkpoint in --output_path) or a "
+                   "checkpoint dir")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start a new run in an --output_path that holds an earlier run's checkpoints; they are "
+                   "deleted once this run saved its first checkpoint")
     g.add_argument("--log_interval", type=int, default=10, help="steps between metric records")
     g.add_argument("--eval_interval", type=int, default=0, help="steps between evaluations (0: at the end only)")
     g.add_argument("--eval_samples", type=int, default=200, help="held-out examples used for exact match")
@@ -147,6 +151,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                 parser.error(f"--streaming: {why}")
     if args.resume and args.load_checkpoint:
         parser.error("--resume restores the model it saved; --load_checkpoint would be ignored. Pass one of them")
+    if args.resume and args.overwrite_output_dir:
+        parser.error("--resume continues the run in --output_path; --overwrite_output_dir would delete it. "
+                     "Pass one of them")
+    if args.save_total_limit < 0:
+        parser.error(f"--save_total_limit must be at least 1, or 0 to keep every checkpoint; got "
+                     f"{args.save_total_limit}")
     if args.output_path is None:
         args.output_path = f"outputs/openmoe-{args.model_name}"
     for name in ("batch_size", "max_length", "num_epoch", "grad_accum_steps", "save_interval", "load_balance_interval",
