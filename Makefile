@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt Makefile
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) train.py
+	$(PY) train.py $(TRAIN_ARGS)
 	$(PY) infer.py --greedy --prompt "3 4 + 2 5 =" --prompt "reverse: a b c d ->" --prompt "capital: France ->"
 
 test: venv

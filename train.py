@@ -17,10 +17,11 @@ from moe_system.parallel.faults import lost_peer, report_once  # noqa: E402
 from moe_system.parallel.layout import LayoutError  # noqa: E402
 from moe_system.training.args import parse_args  # noqa: E402
 from moe_system.training.loop import NonFiniteLossError, train  # noqa: E402
+from moe_system.training.output_dir import OutputDirError  # noqa: E402
 
 # Problems with what the user gave us: one clear line, no traceback, non-zero exit.
-USER_ERRORS = (DataError, CheckpointError, LayoutError, NonFiniteLossError, FileNotFoundError, PermissionError,
-               ImportError)
+USER_ERRORS = (DataError, CheckpointError, LayoutError, NonFiniteLossError, OutputDirError, FileNotFoundError,
+               PermissionError, ImportError)
 
 
 def stop(line: str, key: str | None = None) -> None:

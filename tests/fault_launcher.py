@@ -10,12 +10,19 @@ FAULT_KILL_IN_SAVE=N    SIGKILL every rank in the middle of writing its N-th che
 FAULT_KILL_AFTER_SAVE=N SIGKILL every rank right after its N-th checkpoint was published
 FAULT_SIGNAL_IN_SAVE=N  SIGTERM every rank in the middle of writing its N-th checkpoint, after waiting out the
                         window in which a repeat counts as the same signal (so it is a second one after an earlier)
+FAULT_KILL_IN_PUBLISH=N SIGKILL the process that is about to rename .checkpoint-N.partial to checkpoint-N
+FAULT_ENOSPC_IN_SAVE=N  in the N-th checkpoint save the disk is full: torch.save writes a few bytes, then raises
+                        OSError(ENOSPC)
+FAULT_DISK_FREE=BYTES   shutil.disk_usage reports this much free space
+FAULT_FSYNC_LOG=FILE    append the path of every os.fsync'ed file or directory to FILE
 
 Single process: `python tests/fault_launcher.py ARGS`; several: `torchrun ... tests/fault_launcher.py ARGS`.
 """
 
+import errno
 import os
 import runpy
+import shutil
 import signal
 import sys
 import time
@@ -92,6 +99,51 @@ def kill_after_save(nth: int) -> None:
     loop.save_checkpoint = save_then_die
 
 
+def kill_in_publish(step: int) -> None:
+    rename = os.rename
+
+    def dying_rename(src, dst, *args, **kwargs):
+        if str(src).endswith(".partial") and os.path.basename(dst) == f"checkpoint-{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return rename(src, dst, *args, **kwargs)
+
+    os.rename = dying_rename
+
+
+def disk_full_in_save(nth: int) -> None:
+    save_checkpoint, save, count = loop.save_checkpoint, torch.save, [0]
+
+    def full_save(obj, f, *args, **kwargs):
+        if count[0] != nth:
+            return save(obj, f, *args, **kwargs)
+        if hasattr(f, "write"):
+            f.write(b"PK\x03\x04")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def counting_save_checkpoint(*args, **kwargs):
+        count[0] += 1
+        return save_checkpoint(*args, **kwargs)
+
+    torch.save = full_save
+    loop.save_checkpoint = counting_save_checkpoint
+
+
+def fake_free_space(free: int) -> None:
+    disk_usage = shutil.disk_usage
+    shutil.disk_usage = lambda path: disk_usage(path)._replace(free=free)
+
+
+def log_fsync(log: str) -> None:
+    fsync = os.fsync
+
+    def logged_fsync(fd):
+        fsync(fd)
+        with open(log, "a") as f:
+            f.write(os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}") + "\n")
+
+    os.fsync = logged_fsync
+
+
 if __name__ == "__main__":
     if numbers("FAULT_INF_GRAD"):
         inject_inf_gradients(numbers("FAULT_INF_GRAD"), numbers("FAULT_INF_RANKS"))
@@ -101,5 +153,13 @@ if __name__ == "__main__":
         signal_in_save(int(os.environ["FAULT_SIGNAL_IN_SAVE"]))
     if os.environ.get("FAULT_KILL_AFTER_SAVE"):
         kill_after_save(int(os.environ["FAULT_KILL_AFTER_SAVE"]))
+    if os.environ.get("FAULT_KILL_IN_PUBLISH"):
+        kill_in_publish(int(os.environ["FAULT_KILL_IN_PUBLISH"]))
+    if os.environ.get("FAULT_ENOSPC_IN_SAVE"):
+        disk_full_in_save(int(os.environ["FAULT_ENOSPC_IN_SAVE"]))
+    if os.environ.get("FAULT_DISK_FREE"):
+        fake_free_space(int(os.environ["FAULT_DISK_FREE"]))
+    if os.environ.get("FAULT_FSYNC_LOG"):
+        log_fsync(os.environ["FAULT_FSYNC_LOG"])
     sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
     runpy.run_path(str(ROOT / "train.py"), run_name="__main__")

@@ -152,8 +152,10 @@ def test_bad_input_gives_one_clear_error(case, tmp_path, earlier_run, tiny_check
     args, expected = case(tmp_path, tiny_checkpoint) if needs_ckpt else case(tmp_path)
     output = tmp_path / "a_file" / "out" if case is case_unwritable_output else (
         tmp_path / "fresh" if case is case_nothing_to_resume else earlier_run)
+    # Into the earlier run's directory: as a new run that would replace it, had the input been good.
+    overwrite = ["--overwrite_output_dir"] if output == earlier_run and "--resume" not in args else []
     before = digest(earlier_run)
-    result = train(*FAST, *args, "--output_path", str(output))
+    result = train(*FAST, *args, *overwrite, "--output_path", str(output))
     assert result.returncode != 0
     err = result.stderr
     assert "Traceback" not in err, err[-3000:]

@@ -20,6 +20,7 @@ layer, so one rank's states would overwrite the others') and call `.cuda()` (moe
 
 import json
 import os
+import pickle
 from collections import OrderedDict
 from pathlib import Path
 
@@ -42,6 +43,35 @@ from .rebalance import EXPERT_WEIGHTS, apply_placement, current_placement, exper
 
 OPTIMIZER_LAYOUT_FILE = "layout.json"
 PLACEMENT_FILE = "expert_placement.json"
+
+
+def _numpy_array_globals() -> list:
+    """What numpy arrays pickle through: RNG states saved before they were stored as tensors hold one."""
+    import numpy as np
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def save_state(state, path) -> None:
+    """torch.save through a Python file: a full disk then raises OSError(ENOSPC), where torch's own writer
+    reports only '[enforce fail at inline_container.cc]'."""
+    with open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def safe_load(path):
+    """torch.load of tensors and plain containers only (numbers, strings, lists, dicts, numpy arrays): a
+    checkpoint from elsewhere cannot run code while it is read."""
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"refused to load {path}: it holds Python objects other than tensors and plain "
+                              f"containers, and reading it could run code ({str(error).splitlines()[-1][:200]}); "
+                              f"resume only from checkpoints saved by moe_system") from None
 
 
 def _ep_group_of(param):
@@ -223,7 +253,7 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
         mixin = getattr(optimizer, "mixed_precision_mixin", None) or getattr(optimizer, "mixed_precision", None)
         if mixin is not None and hasattr(mixin, "grad_scaler"):
             state["grad_scaler"] = mixin.grad_scaler.state_dict()
-        torch.save(state, os.path.join(checkpoint, f"rank{rank:05d}.pt"))
+        save_state(state, os.path.join(checkpoint, f"rank{rank:05d}.pt"))
         dist.barrier()
 
     def load_sharded_optimizer(self, optimizer: OptimizerWrapper, checkpoint_index_file, prefix: str = "",
@@ -238,7 +268,7 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
                 f"with the same layout, or start a new run from the weights alone with --load_checkpoint "
                 f"{directory.parent / 'model'} (model weights load into any layout)")
         self._restore_placement(optimizer.model.unwrap(), directory / PLACEMENT_FILE)
-        state = torch.load(directory / f"rank{dist.get_rank():05d}.pt", map_location="cpu", weights_only=False)
+        state = safe_load(directory / f"rank{dist.get_rank():05d}.pt")
         optimizer.optim.load_state_dict(state["optim"])
         with torch.no_grad():  # call after booster.load_model, which resets masters from the working weights
             masters = [p for group in optimizer.optim.param_groups for p in group["params"]]
@@ -261,13 +291,22 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
 
     def load_optimizer(self, optimizer: OptimizerWrapper, checkpoint: str, prefix: str = None,
                        low_cpu_mem_mode: bool = True, num_threads: int = 1):
-        # The generic entry point looks for an upstream index file; ours is a directory with layout.json.
-        if os.path.isfile(os.path.join(checkpoint, OPTIMIZER_LAYOUT_FILE)):
-            return self.load_sharded_optimizer(optimizer, checkpoint)
-        return super().load_optimizer(optimizer, checkpoint, prefix, low_cpu_mem_mode, num_threads)
+        # Ours is a directory with layout.json. Upstream's formats are not read: their loaders unpickle with
+        # torch.load's defaults (checkpoint_io/moe_checkpoint.py:566, utils.py:685), which a caller may loosen.
+        if not os.path.isfile(os.path.join(checkpoint, OPTIMIZER_LAYOUT_FILE)):
+            raise CheckpointError(f"{checkpoint} is not an optimizer state saved by moe_system (no "
+                                  f"{OPTIMIZER_LAYOUT_FILE}); start from the weights alone with --load_checkpoint")
+        return self.load_sharded_optimizer(optimizer, checkpoint)
+
+    def save_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
+        if self.coordinator.is_master():
+            save_state(lr_scheduler.state_dict(), checkpoint)
+
+    def load_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
+        lr_scheduler.load_state_dict(safe_load(checkpoint))
 
     def save_unsharded_optimizer(self, optimizer, checkpoint, gather_dtensor, use_async: bool = False):
         raise NotImplementedError("save the optimizer with shard=True (one file per rank, any layout)")
 
 
-__all__ = ["OpenMoeCheckpointIO", "canonical_state_dict"]
+__all__ = ["OpenMoeCheckpointIO", "canonical_state_dict", "safe_load", "save_state"]

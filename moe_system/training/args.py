@@ -129,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_path", default=None, help="default: outputs/openmoe-<model_name>")
     g.add_argument("--save_interval", type=int, default=1000, help="steps between full-state checkpoints")
     g.add_argument("--save_total_limit", type=int, default=3, help="checkpoints kept (oldest removed); 0 keeps all")
-    g.add_argument("--resume", default=None, help="'latest' (newest checkpoint in --output_path) or a checkpoint dir")
+    g.add_argument("--resume", default=None, help="'latest' (newest intact checkpoint in --output_path) or a "
+                   "checkpoint dir")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start a new run in an --output_path that holds an earlier run's checkpoints; they are "
+                   "deleted once this run saved its first checkpoint")
     g.add_argument("--log_interval", type=int, default=10, help="steps between metric records")
     g.add_argument("--eval_interval", type=int, default=0, help="steps between evaluations (0: at the end only)")
     g.add_argument("--eval_samples", type=int, default=200, help="held-out examples used for exact match")
@@ -178,7 +182,7 @@ RANGES = {
     "load_balance_interval": at_least(1),
     "comm_overlap_chunks": at_least(1),
     "save_interval": at_least(1),
-    "save_total_limit": at_least(0, "0 keeps all"),
+    "save_total_limit": ((lambda value: value >= 0), "at least 1, or 0 to keep every checkpoint"),
     "log_interval": at_least(1),
     "eval_interval": at_least(0, "0 evaluates at the end only"),
     "eval_samples": at_least(1),
@@ -236,6 +240,8 @@ def conflicts(args, given: set[str]):
                 yield f"--streaming: {why}"
     if args.resume and args.load_checkpoint:
         yield "--resume restores the model it saved; --load_checkpoint would be ignored. Pass one of them"
+    if args.resume and args.overwrite_output_dir:
+        yield "--resume continues the run in --output_path; --overwrite_output_dir would delete it. Pass one of them"
 
     try:
         names = [name for name, _ in parse_sources(args.dataset)]

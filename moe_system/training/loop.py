@@ -27,10 +27,11 @@ from ..moe.load import ExpertLoadMeter
 from ..parallel.plugin import build_plugin, init_distributed
 from ..parallel.rebalance import ExpertRebalancer, format_rebalance
 from . import interrupt
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_model
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
 from .evaluate import evaluate_loss, exact_match
 from .flops import param_counts, train_flops_per_token
 from .metrics import MetricsLogger, format_load
+from .output_dir import claim_output_dir
 from .sampler import ResumableDistributedSampler
 from .schedule import build_scheduler
 from .step import forward_backward, pipeline_forward_backward
@@ -83,23 +84,14 @@ def micro_batch_groups(dataloader, size: int):
             group = []
 
 
-def check_output_dir(path: str) -> None:
-    """Fail before any work if the run could not save into path (found out only at the first checkpoint, else)."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as error:
-        raise PermissionError(f"--output_path {path} is not a writable directory ({error.strerror}); "
-                              f"choose another --output_path") from None
-
-
 def train(args) -> dict:
     init_distributed(args.seed)
-    if dist.get_rank() == 0:
-        check_output_dir(args.output_path)
+    # Writable, locked against a second run, and no earlier run replaced unless asked (--overwrite_output_dir).
+    with claim_output_dir(args.output_path, args.resume, args.overwrite_output_dir) as earlier_run:
+        return run_training(args, earlier_run)
+
+
+def run_training(args, earlier_run: list[str]) -> dict:
     config = build_model_config(args)
     plugin, layout = build_plugin(args, config)
     booster = Booster(plugin=plugin)
@@ -194,7 +186,7 @@ def train(args) -> dict:
         if token_counter:  # the totals over data-parallel ranks (a collective: every rank saves)
             state["source_tokens"] = token_counter.state_dict(plugin.dp_group)
         saved = step, save_checkpoint(booster, model, optimizer, scheduler, tokenizer, args.output_path, state,
-                                      args.save_total_limit or None)
+                                      args.save_total_limit or None, replacing=earlier_run)
         return saved[1]
 
     def skip_update(what: str) -> None:
@@ -303,7 +295,7 @@ def train(args) -> dict:
                "wall_s": time.perf_counter() - run_start}
     checkpoint()
     final_dir = os.path.join(args.output_path, "final")
-    save_model(booster, model, tokenizer, final_dir)
+    save_final_model(booster, model, tokenizer, final_dir)
     if eval_records:
         if not layout.is_pipeline:  # every rank takes part: with EP each forward is a collective
             summary.update(run_eval(model, tokenizer, eval_records, args, device))
