@@ -1,1 +1,1 @@
-"""Benchmarks of issue 8: run as modules from the repository root, e.g. `python -m benchmarks.moe_layer --smoke`."""
+"""Speed and memory benchmarks: run as modules from the repository root, e.g. `python -m benchmarks.moe_layer --smoke`."""

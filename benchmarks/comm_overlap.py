@@ -1,4 +1,4 @@
-"""Benchmark for issue 4: one expert-parallel MoE layer, forward + backward, with and without --comm_overlap.
+"""One expert-parallel MoE layer, forward + backward, with and without --comm_overlap.
 
     python -m benchmarks.comm_overlap --smoke --out smoke.json        # 2 CPU processes, tiny, seconds
     python -m benchmarks.comm_overlap --out comm_overlap.json         # 2 CPU processes, every scenario

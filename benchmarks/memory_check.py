@@ -1,4 +1,4 @@
-"""The memory planner's estimate next to a measured training step on one device (issue 8).
+"""The memory planner's estimate next to a measured training step on one device.
 
     python -m benchmarks.memory_check --model_name tiny --precision fp32 --batch_size 4 --max_length 128
     python -m benchmarks.memory_check --model_name base --batch_size 4 --max_length 2048 --out base_b4.json  # GPU

@@ -1,4 +1,4 @@
-"""Benchmark 1 of issue 8: forward + backward of one MoE layer (router included), ours beside its peers.
+"""Forward + backward of one MoE layer (router included), ours beside its peers.
 
     python -m benchmarks.moe_layer --smoke --out smoke.json          # tiny shapes on CPU, seconds
     python -m benchmarks.moe_layer --out moe_layer.json              # performance.md's shapes, CUDA when present

@@ -1,4 +1,4 @@
-"""Benchmark 3 of issue 8: router + permute + unpermute alone (expert GEMMs excluded), and host syncs per step.
+"""Router + permute + unpermute alone (expert GEMMs excluded), and host syncs per step.
 
     python -m benchmarks.router_permute --smoke --out smoke.json
     python -m benchmarks.router_permute --out router_permute.json          # CUDA when present

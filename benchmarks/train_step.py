@@ -1,4 +1,4 @@
-"""Benchmark 2 of issue 8: one whole training step (forward, backward, optimizer) on one device.
+"""One whole training step (forward, backward, optimizer) on one device.
 
     python -m benchmarks.train_step --smoke --out smoke.json        # tiny models on CPU, seconds
     python -m benchmarks.train_step --out train_step.json           # OpenMoE-base at sequence 2048, CUDA

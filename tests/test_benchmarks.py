@@ -1,6 +1,6 @@
 """Each benchmark's --smoke mode runs end to end on CPU and writes a complete, numerically checked JSON.
 
-The smoke runs are what keeps the scripts from rotting between GPU sessions: same code paths as the full
+The smoke runs are what keeps the scripts from rotting between GPU runs: same code paths as the full
 runs (every implementation is compared with ours before it is timed), tiny shapes.
 """
 

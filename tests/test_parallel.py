@@ -1,4 +1,4 @@
-"""Expert, data and pipeline parallelism on CPU/gloo against a single-process reference (issue 3).
+"""Expert, data and pipeline parallelism on CPU/gloo against a single-process reference.
 
 Two launches (2 and 4 processes, bounded by `timeout`) train every parity case of the table below on the same
 global batch; this process computes each case's fp32 reference and compares losses, the pre-clip global

@@ -1,6 +1,6 @@
 """train.py's command line: the reference example's flags (openmoe_spec.md §2.1) plus what a real run needs.
 
-Flags whose feature has not landed yet are parsed and refused with a clear error, never silently ignored.
+Flags of features not yet built are parsed and refused with a clear error, never silently ignored.
 Defaults marked "per preset" come from PRESET_DEFAULTS so that `python train.py` is the tiny CPU demo while
 `--model_name 8b` gets the reference's finetuning settings.
 """
