@@ -4,8 +4,8 @@ ends a full disk with one clear error."""
 
 import hashlib
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
