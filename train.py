@@ -3,6 +3,7 @@
 Launch across processes with `colossalai run --nproc_per_node N train.py ...` or `torchrun`.
 """
 
+import os
 import sys
 
 from moe_system.training import interrupt
@@ -39,4 +40,11 @@ if __name__ == "__main__":
         if not lost_peer(error):
             raise
         # The rank that failed says why (or torchrun's summary names it); the others add one line, not a traceback.
-        stop(f"rank {dist.get_rank()}: stopping because another rank failed", key="lost peer")
+        report_once(f"rank {dist.get_rank()}: stopping because another rank failed", key="lost peer")
+        sys.stderr.flush()
+        os._exit(1)  # a process group with a dead peer cannot be shut down cleanly: leave without trying
+    finally:
+        # Shut the process group's threads down before the interpreter does: left to exit, a backend thread
+        # still running can abort the process ("terminate called without an active exception", status -6).
+        if dist.is_initialized():
+            dist.destroy_process_group()
