@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt Makefile
 	$(PY) -m pip install -q --no-deps colossalai==0.5.0
 	touch $@
 
-.PHONY: venv demo test test-fast
+.PHONY: venv demo test test-fast gpu-check
 venv: $(VENV)/.installed
 
 demo: venv
@@ -29,3 +29,9 @@ test: venv
 # The in-process tests only (no multi-process launches, nothing over ~20 s): a few minutes.
 test-fast: venv
 	$(PY) -m pytest -q tests -m "not slow and not distributed"
+
+# The GPU check (benchmarks/README.md): every measurement on one CUDA device in <= 8 minutes, one file per part
+# under benchmarks/results/<date>-<device>/; SUITE_ARGS="--smoke" runs it on CPU. On a GPU machine without registry
+# access the command is `python3 -m benchmarks.suite --out $OUT`, after the wheel install line in that README.
+gpu-check: venv
+	$(PY) -m benchmarks.suite $(SUITE_ARGS)

@@ -41,6 +41,18 @@ def add_shape_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--iters", type=int)
+    add_time_limit_argument(parser)
+
+
+def add_time_limit_argument(parser) -> None:
+    parser.add_argument("--time_limit_s", type=float,
+                        help="start nothing new after this many seconds (the JSON lists what was left out), so that "
+                             "a run under a hard time limit still writes its file")
+
+
+def deadline(time_limit_s: float | None) -> float:
+    """time.monotonic() after which a benchmark starts nothing new (never, without a limit)."""
+    return math.inf if time_limit_s is None else time.monotonic() + time_limit_s
 
 
 def shape_settings(args, shapes: dict, smoke_shapes: dict, tokens: list, smoke_tokens: list, warmup: int,

@@ -39,6 +39,7 @@ capacity, tokens with a dropped copy are left out for the dropless peers.
 import argparse
 import copy
 import math
+import time
 import types
 
 import torch
@@ -48,8 +49,8 @@ from moe_system.model import OpenMoeConfig
 from moe_system.moe import OpenMoeSparseMLP, capacity
 from moe_system.moe.experts import grouped_mm_supported, swiglu3
 
-from .common import GiB, Mismatch, add_shape_arguments, check_against_reference, environment, exit_code, guarded, \
-    peak_bytes, shape_settings, time_ms, write_json
+from .common import GiB, Mismatch, add_shape_arguments, check_against_reference, deadline, environment, exit_code, \
+    guarded, peak_bytes, shape_settings, time_ms, write_json
 
 # performance.md's layers. Mixtral-like and fine-grained are given as standard SwiGLU widths F there; our
 # 3-way expert with I = 3F/4 has exactly their FLOPs and parameter count (4*H*I = 3*H*F).
@@ -411,8 +412,15 @@ def main(argv=None):
     else:
         variants = [(r, d) for r in args.routing or ["uniform", "skewed"]
                     for d in args.dispatch or ["dropless", "capacity"]]
-    cases = [run_case(name, shape, t, routing, dispatch, impls, device, dtype, warmup, iters)
-             for name, shape in shapes.items() for t in tokens for routing, dispatch in variants]
+    stop_at = deadline(args.time_limit_s)
+    cases, left_out = [], []
+    for name, shape in shapes.items():
+        for t in tokens:
+            for routing, dispatch in variants:
+                if time.monotonic() > stop_at:
+                    left_out.append(f"{name} tokens={t} {routing} {dispatch}")
+                    continue
+                cases.append(run_case(name, shape, t, routing, dispatch, impls, device, dtype, warmup, iters))
     write_json(args.out, {
         "benchmark": "moe_layer", "mode": "smoke" if args.smoke else "full", "environment": environment(device),
         "dtype": str(dtype).removeprefix("torch."), "flop_formula": FLOP_FORMULA,
@@ -422,7 +430,7 @@ def main(argv=None):
         "peak_memory": "bytes allocated beyond the inputs and weights during one forward+backward "
                        + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda"
                           else "(live tensor storages at op boundaries, benchmarks/common.py)"),
-        "cases": cases,
+        "cases": cases, "left_out_by_time_limit": left_out,
     })
     return exit_code([case["results"] for case in cases])
 

@@ -19,6 +19,7 @@ queue for the host to wait on, and the debug mode only watches CUDA; the JSON sa
 """
 
 import argparse
+import time
 import warnings
 
 import torch
@@ -26,8 +27,8 @@ import torch
 from moe_system.model import OpenMoeConfig
 from moe_system.moe import OpenMoeSparseMLP, capacity
 
-from .common import add_shape_arguments, check_against_reference, environment, exit_code, guarded, peak_bytes, \
-    shape_settings, time_ms, write_json
+from .common import add_shape_arguments, check_against_reference, deadline, environment, exit_code, guarded, \
+    peak_bytes, shape_settings, time_ms, write_json
 from .moe_layer import CAPACITY_FACTOR, SHAPES, SMOKE_SHAPES, TOLERANCE, make_input, route_fp32
 
 TOKENS = [4096, 16384, 65536]
@@ -149,9 +150,16 @@ def main(argv=None):
 
     device, dtype, shapes, tokens, warmup, iters = shape_settings(args, SHAPES, SMOKE_SHAPES, TOKENS, SMOKE_TOKENS,
                                                                   warmup=5, iters=20)
-    cases = [run_case(name, shape, t, routing, dispatch, device, dtype, warmup, iters)
-             for name, shape in shapes.items() for t in tokens for routing in args.routing
-             for dispatch in args.dispatch]
+    stop_at = deadline(args.time_limit_s)
+    cases, left_out = [], []
+    for name, shape in shapes.items():
+        for t in tokens:
+            for routing in args.routing:
+                for dispatch in args.dispatch:
+                    if time.monotonic() > stop_at:
+                        left_out.append(f"{name} tokens={t} {routing} {dispatch}")
+                        continue
+                    cases.append(run_case(name, shape, t, routing, dispatch, device, dtype, warmup, iters))
     write_json(args.out, {
         "benchmark": "router_permute", "mode": "smoke" if args.smoke else "full", "environment": environment(device),
         "dtype": str(dtype).removeprefix("torch."),
@@ -162,7 +170,7 @@ def main(argv=None):
         "host_sync_method": ("torch.cuda.set_sync_debug_mode('warn'), warnings of one step after warm-up"
                              if device.type == "cuda" else
                              "n/a on CPU: ops complete synchronously, there is no device queue to wait on"),
-        "cases": cases,
+        "cases": cases, "left_out_by_time_limit": left_out,
     })
     return exit_code([case["results"] for case in cases])
 

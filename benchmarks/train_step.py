@@ -4,7 +4,8 @@
     python -m benchmarks.train_step --out train_step.json           # OpenMoE-base at sequence 2048, CUDA
     python -m benchmarks.train_step --variants ours hf_grouped_mm --batch_sizes 8 16
 
-Variants (each tried at increasing batch sizes until one runs out of memory; the best tokens/s is reported):
+Variants (each tried at increasing batch sizes until one runs out of memory or --time_limit_s is reached; the best
+tokens/s is reported):
 * ours            OpenMoeForCausalLM, bf16 weights, fp32 master weights updated by fused AdamW and copied back
                   (the recipe of the repository's bf16 training through Colossal-AI's mixed-precision optimizer)
 * ours_autocast   the same model with fp32 weights under bf16 autocast and fused AdamW: the peers' recipe
@@ -32,14 +33,15 @@ writing the JSON; a variant that errors or runs out of memory is recorded as suc
 import argparse
 import gc
 import math
+import time
 
 import torch
 
 from moe_system.model import OpenMoeConfig, OpenMoeForCausalLM
 from moe_system.training.flops import param_counts, train_flops_per_token
 
-from .common import GiB, H100_BF16_DENSE_TFLOPS, LiveTensorBytes, Mismatch, environment, exit_code, guarded, \
-    pick_device, synchronize, time_ms, write_json
+from .common import GiB, H100_BF16_DENSE_TFLOPS, LiveTensorBytes, Mismatch, add_time_limit_argument, deadline, \
+    environment, exit_code, guarded, pick_device, synchronize, time_ms, write_json
 
 FULL = dict(preset="base", seq=2048, warmup=2, iters=5, batch_sizes={
     "ours": [4, 8, 16, 32], "ours_autocast": [4, 8], "ours_all_moe": [4, 8, 16],
@@ -248,7 +250,7 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def run_variant(variant, preset, seq, batch_sizes, device, warmup, iters) -> dict:
+def run_variant(variant, preset, seq, batch_sizes, device, warmup, iters, stop_at=math.inf) -> dict:
     model, optimizer, autocast, forward, cfg, record = build(variant, preset, device)
     result = {**record, "seq_len": seq, "precision": "bf16 autocast, fp32 weights, fused AdamW" if autocast
               else "bf16 weights, fp32 master weights, fused AdamW", "runs": []}
@@ -268,6 +270,9 @@ def run_variant(variant, preset, seq, batch_sizes, device, warmup, iters) -> dic
         result["check"]["liger_vs_transformers_loss"] = check_liger_loss(model, probe)
 
     for batch in batch_sizes:
+        if result["runs"] and time.monotonic() > stop_at:
+            result["stopped_by_time_limit_before_batch_size"] = batch
+            break
         ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
 
         def step():
@@ -317,6 +322,7 @@ def main(argv=None):
     parser.add_argument("--seq", type=int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--iters", type=int)
+    add_time_limit_argument(parser)
     args = parser.parse_args(argv)
 
     device = pick_device(args.smoke)
@@ -324,15 +330,18 @@ def main(argv=None):
     seq = args.seq or mode["seq"]
     warmup = args.warmup if args.warmup is not None else mode["warmup"]
     iters = args.iters if args.iters is not None else mode["iters"]
+    stop_at = deadline(args.time_limit_s)
     results = {}
     for variant in args.variants or DEFAULT_VARIANTS:
         reason = liger_unavailable(device) if variant == "hf_liger_flce" else None
+        if time.monotonic() > stop_at:
+            reason = f"--time_limit_s {args.time_limit_s:g} reached before this variant"
         if reason:
             results[variant] = {"status": "skipped", "reason": reason}
             continue
         batch_sizes = args.batch_sizes or ([SMOKE_BATCH] if args.smoke else mode["batch_sizes"].get(variant, [4]))
         results[variant] = guarded(lambda: {"status": "ok", **run_variant(variant, mode["preset"], seq, batch_sizes,
-                                                                           device, warmup, iters)}, device)
+                                                                           device, warmup, iters, stop_at)}, device)
     best_ours = (results.get("ours") or {}).get("best")
     for name, result in results.items():
         best = result.get("best")
