@@ -124,3 +124,14 @@ def test_benchmarks_start_nothing_after_their_time_limit(tmp_path):
                             "--out", str(out)]) == 1  # ours did not run
     variants = json.loads(out.read_text())["variants"]
     assert all(v["status"] == "skipped" and "--time_limit_s 0" in v["reason"] for v in variants.values())
+
+
+@pytest.mark.slow
+def test_gpu_tests_run_on_the_cpu_as_a_dry_run(tmp_path):
+    # The gpu-marked tests run for real only where CUDA is; their logic runs here with the switch, so a change that
+    # breaks them (an import, a signature, a tolerance) shows in every test run, not first on a GPU.
+    env = {**os.environ, "MOE_GPU_TESTS_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert " passed" in proc.stdout.splitlines()[-1] and "failed" not in proc.stdout.splitlines()[-1]
