@@ -1,7 +1,7 @@
 """Forward + backward of one MoE layer (router included), ours beside its peers.
 
     python -m benchmarks.moe_layer --smoke --out smoke.json          # tiny shapes on CPU, seconds
-    python -m benchmarks.moe_layer --out moe_layer.json              # performance.md's shapes, CUDA when present
+    python -m benchmarks.moe_layer --out moe_layer.json              # docs/performance.md's shapes, CUDA when present
     python -m benchmarks.moe_layer --shapes openmoe-base --tokens 16384 --routing uniform --dispatch dropless
 
 Implementations, all run in the same process on the same input:
@@ -23,7 +23,7 @@ here so that the functions agree (it costs one [T, k] division).
 
 FLOPs (forward + backward = 3 x forward; every GEMM of m x n x p counts 2mnp):
   OpenMoE expert, per routed copy, forward: 2*H*2I (gate) + 2*H*I (up) + 2*I*H (down) = 8*H*I
-  => experts: 24*T*k*H*I.   performance.md's 18*T*k*H*F is the standard SwiGLU of width F (3 GEMMs of
+  => experts: 24*T*k*H*I.   The usual 18*T*k*H*F is the standard SwiGLU of width F (3 GEMMs of
   H x F); applied to our expert with F = I it undercounts by 25%. 24*T*k*H*I = 18*T*k*H*(4I/3).
   Router: 2*T*H*E forward => 6*T*H*E.  Every copy is counted, also copies dropped by capacity: on one device
   the layer computes them and gives them weight 0.
@@ -52,7 +52,7 @@ from moe_system.moe.experts import grouped_mm_supported, swiglu3
 from .common import GiB, Mismatch, add_shape_arguments, check_against_reference, deadline, environment, exit_code, \
     guarded, peak_bytes, shape_settings, time_ms, write_json
 
-# performance.md's layers. Mixtral-like and fine-grained are given as standard SwiGLU widths F there; our
+# docs/performance.md, Benchmark shapes. Mixtral-like and fine-grained are given as standard SwiGLU widths F there; our
 # 3-way expert with I = 3F/4 has exactly their FLOPs and parameter count (4*H*I = 3*H*F).
 SHAPES = {
     "openmoe-base": dict(hidden=768, inter=2048, experts=16, top_k=2),

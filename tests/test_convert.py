@@ -2,7 +2,7 @@
 
 Each layout test writes a tiny synthetic checkpoint the way that release stores it, converts it, loads the result
 and compares its logits with a reference forward computed straight from the source tensors. The reference is
-written here from the spec (openmoe_spec.md §3.3), not from our model code, so a wrong transpose, swapped
+written here from the architecture's description (docs/model.md), not from our model code, so a wrong transpose, swapped
 gate/up projections or swapped gate halves all fail.
 """
 

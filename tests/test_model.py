@@ -11,7 +11,7 @@ def tiny(**overrides):
     return OpenMoeForCausalLM(cfg).eval()
 
 
-# Spec table (openmoe_spec.md §3.2): total and per-token activated block parameters.
+# Released sizes (docs/model.md, Presets): total and per-token activated block parameters.
 @pytest.mark.parametrize("name,total,active", [("base", 0.80e9, 0.142e9), ("8b", 11.86e9, 2.75e9), ("34b", 46.3e9, None)])
 def test_parameter_counts_match_released_sizes(name, total, active):
     cfg = OpenMoeConfig.from_preset(name)

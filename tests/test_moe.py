@@ -53,7 +53,7 @@ def test_sparse_mlp_matches_token_by_token_reference(dispatch):
 
 
 def test_capacity_formula():
-    # floor(k*cf*S/E), made even, at least min_capacity (openmoe_spec.md §4.3)
+    # floor(k*cf*S/E), made even, at least min_capacity (docs/moe.md, Capacity)
     assert capacity(2048, 32, 2, 1.25, 4) == 160
     assert capacity(100, 16, 2, 1.25, 4) == 16  # floor(15.6)=15 -> 16
     assert capacity(10, 16, 2, 1.25, 4) == 4

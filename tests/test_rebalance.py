@@ -16,8 +16,8 @@ RECORDED = os.path.join(os.path.dirname(__file__), "data", "recorded_expert_load
 
 # ------------------------------------------------------------------ placement search
 def reference_beam_search(load, ep, beam_width=8, tolerance=0.1, group_swap_factor=0.4):
-    """The reference's search (openmoe_spec.md §4.8), re-written from its description, from slot e = expert e:
-    beam search over swaps scored by the reduction of the rank means' distance to the average."""
+    """The reference's search (docs/moe.md, Expert load rebalancing), re-written from its description, from slot
+    e = expert e: beam search over swaps scored by the reduction of the rank means' distance to the average."""
     local = len(load) // ep
     peak = max(load)
     norm = [x / peak for x in load]

@@ -33,8 +33,8 @@ def test_lr_schedules():
 
 
 def test_flops_per_token_matches_the_published_estimate():
-    # performance.md: OpenMoE-base costs about 2.0-2.3 GFLOP per token forward+backward at sequence 2048,
-    # with the LM head ~59% of it.
+    # docs/performance.md, Where the FLOPs go: OpenMoE-base costs about 2.0-2.3 GFLOP per token
+    # forward+backward at sequence 2048, more than half of it in the LM head.
     cfg = OpenMoeConfig.from_preset("base")
     flops = train_flops_per_token(cfg, 2048)
     assert 2.0e9 < flops < 2.3e9

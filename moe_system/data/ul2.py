@@ -1,5 +1,6 @@
-"""OpenMoE's UL2-style objective for a decoder-only model (openmoe_spec.md §3.6): a weighted mix of prefix-LM and
-T5 span-corruption examples, optionally with plain next-token prediction, all under the ordinary causal mask.
+"""OpenMoE's UL2-style objective for a decoder-only model (docs/model.md, Pretraining recipe): a weighted mix of
+prefix-LM and T5 span-corruption examples, optionally with plain next-token prediction, all under the ordinary
+causal mask.
 
 Every example is one token sequence with loss only on its target part (labels are not shifted; the model does):
 

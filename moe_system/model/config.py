@@ -1,4 +1,4 @@
-"""OpenMoE configuration and the released size presets (openmoe_spec.md §3.1)."""
+"""OpenMoE configuration and the released size presets (docs/model.md, Presets)."""
 
 from transformers import PretrainedConfig
 

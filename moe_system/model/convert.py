@@ -1,6 +1,6 @@
 """Convert released OpenMoE checkpoints into our Hugging Face format, and load our checkpoints strictly.
 
-Source layouts (openmoe_spec.md §3.4, §3.5):
+Source layouts (docs/model.md, Released checkpoints):
 - "colossal": hpcai-tech/openmoe-{base,8b}, read by the Colossal-AI example as a LlamaConfig plus OpenMoE fields.
 - "orion": OrionZheng/openmoe-*, the OpenMoE team's release for remote code: "model_type": "llama" plus an
   "auto_map" naming modeling_openmoe.OpenMoeForCausalLM.
@@ -334,7 +334,8 @@ class Rule(NamedTuple):
 
 
 def t5x_rules(config: OpenMoeConfig) -> list[Rule]:
-    """T5X path -> our name for every tensor (openmoe_spec.md §3.5, convert_openmoe_ckpt.py)."""
+    """T5X path -> our name for every tensor (docs/model.md, Released checkpoints; the reference's
+    convert_openmoe_ckpt.py)."""
 
     def dense_ffn(ours: str, theirs: str) -> list[Rule]:
         # wi_0 is the 2I-wide gate, wi_1 the up projection, wo the down projection.

@@ -1,6 +1,6 @@
 """Language-model loss over a large vocabulary without materialising B x T x V logits.
 
-Per target token (T5X style, openmoe_spec.md §2.4): label-smoothed cross-entropy minus its constant minimum,
+Per target token (T5X style, docs/model.md, Loss): label-smoothed cross-entropy minus its constant minimum,
 plus the output z-loss z_loss_factor * logsumexp(logits)^2. Tokens labelled -100 (prompt, padding) are ignored.
 
 The head and the loss are fused: chunk by chunk, the forward computes the fp32 logits, the loss, and at once

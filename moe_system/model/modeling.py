@@ -1,4 +1,4 @@
-"""OpenMoE decoder-only language model (openmoe_spec.md §3), one readable file in the Hugging Face style.
+"""OpenMoE decoder-only language model (docs/model.md), one readable file in the Hugging Face style.
 
 Architecture facts that differ from Llama: attention without 1/sqrt(d) scaling (T5X), heads*head_dim may differ
 from hidden_size, a 2I-wide gate with a three-way SwiGLU product, and every moe_layer_interval-th layer is an MoE

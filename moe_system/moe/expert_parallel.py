@@ -8,7 +8,7 @@ code, so an EP layer computes the same function as OpenMoeSparseMLP.
   regrouping, and send every row back with the reverse all-to-all.
 * capacity: every expert gets `cap` slots on every rank (kept copies at their priority rank, zero padding
   elsewhere) and the [E, cap, H] buffer is exchanged with an equal-split all-to-all, as the reference did
-  (spec §4.5). Zero rows stay zero through a bias-free SwiGLU expert and add nothing to its gradient, and
+  (docs/moe.md, Dispatch). Zero rows stay zero through a bias-free SwiGLU expert and add nothing to its gradient, and
   dropped copies have weight 0 in the combine, exactly as on one device.
 * overlap (overlap_chunks = n > 1, --comm_overlap): each expert's block of rows (or slots) is cut into n
   near-equal parts and chunk j gathers the j-th part of every expert, so a chunk is itself expert-sorted and

@@ -1,6 +1,6 @@
 """Experts stored as stacked tensors in the released checkpoint layout, computed with grouped GEMM.
 
-Layout (openmoe_spec.md §3.5): wi_gate [E, H, 2I], wi_up [E, H, I], wo [E, I, H]; every expert is OpenMoE's
+Layout (docs/model.md, MoE layers): wi_gate [E, H, 2I], wi_up [E, H, I], wo [E, I, H]; every expert is OpenMoE's
 three-way SwiGLU: wo( g[:I] * silu(g[I:]) * up ), with g = x @ wi_gate and up = x @ wi_up.
 """
 

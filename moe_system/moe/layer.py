@@ -1,4 +1,4 @@
-"""OpenMoE's sparse MLP: route, sort copies by expert, run the experts, combine (openmoe_spec.md §4.2).
+"""OpenMoE's sparse MLP: route, sort copies by expert, run the experts, combine (docs/moe.md).
 
 Expert parallelism replaces only `run_experts` (the exchange of sorted rows between ranks); routing,
 capacity, and combine stay here, so single-device and parallel layers compute the same function.

@@ -17,9 +17,9 @@ The search (deterministic, run identically on every rank from the same all-reduc
 4. The best grouping (lowest maximum, then lowest sum of squares) is assigned to ranks so that as many experts
    as possible stay where they are (greedy by overlap), and an expert that stays keeps its slot.
 
-The reference (openmoe_spec.md §4.8) ran a beam search over swaps that minimises deviations of rank means and
-never moves an expert twice; tests/test_rebalance.py compares both on recorded skewed loads and with the exact
-optimum for small cases.
+The reference (docs/moe.md, Expert load rebalancing) ran a beam search over swaps that minimises deviations of
+rank means and never moves an expert twice; tests/test_rebalance.py compares both on recorded skewed loads and
+with the exact optimum for small cases.
 """
 
 from collections.abc import Sequence

@@ -1,4 +1,4 @@
-"""Token-choice top-k routing as in OpenMoE / ST-MoE (openmoe_spec.md §4.3).
+"""Token-choice top-k routing as in OpenMoE / ST-MoE (docs/moe.md, Routing).
 
 The router always runs in fp32: the softmax over experts and the z-loss are numerically fragile in bf16.
 """

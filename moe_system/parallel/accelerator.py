@@ -1,7 +1,7 @@
 """A CPU accelerator under which Colossal-AI's real ZeRO and pipeline code runs on gloo.
 
 Colossal-AI 0.5.0's CpuAccelerator raises in Stream/current_stream/synchronize/device_count, and its ZeRO
-optimizer asserts a CUDA-named accelerator (colossalai_notes.md §1, §6). CPU work is synchronous, so a stream
+optimizer asserts a CUDA-named accelerator (docs/colossalai.md, Running on CPU). CPU work is synchronous, so a stream
 is just torch.cpu's, synchronising is a no-op, and the device count is one. Used only when no GPU is present.
 """
 

@@ -12,7 +12,7 @@ One layout for every plugin, the one Colossal-AI's MoeHybridParallelPlugin build
 * PP group      (1F1B p2p):               ranks ep apart.
 
 Example, 8 ranks, ep_zero with extra_dp_size 2: EP groups {0..3} {4..7}, expert replicas {0,4} {1,5} ...
-(the reference put the replicas next to each other and stretched EP across nodes, spec §5.1).
+(the reference put the replicas next to each other and stretched EP across nodes; docs/colossalai.md, Process groups).
 
 `validate_layout` is a pure function: an impossible request is refused before any process group exists,
 with the sizes that would work.

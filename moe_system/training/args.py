@@ -1,4 +1,5 @@
-"""train.py's command line: the reference example's flags (openmoe_spec.md §2.1) plus what a real run needs.
+"""train.py's command line: the reference example's flags (docs/architecture.md, Command line) plus what a real
+run needs.
 
 Flags of features not yet built are parsed and refused with a clear error, never silently ignored.
 Defaults marked "per preset" come from PRESET_DEFAULTS so that `python train.py` is the tiny CPU demo while

@@ -28,7 +28,7 @@ def param_counts(cfg) -> dict:
     return {
         "total": total,
         "experts": n_moe * experts * ffn,
-        "active_blocks": blocks_active,       # decoder blocks only, as the spec's "activated" column
+        "active_blocks": blocks_active,       # decoder blocks only (docs/model.md, Presets)
         "active_matmul": blocks_active + head,
     }
 
