@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..parallel.comm import all_reduce_values
 from .errors import DataError
 from .examples import IGNORE_INDEX, encode_examples, special_ids
 from .records import clean_record
@@ -103,11 +104,9 @@ class SourceTokenCounter:
                                          minlength=n)
 
     def total(self, group=None) -> torch.Tensor:
-        """Counts summed over the group's ranks. Collective: every rank of it must call it at the same step."""
-        counts = self.counts.clone()
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(counts, group=group)
-        return counts
+        """Counts summed over the group's ranks (on the CPU, as kept). Collective: every rank of it must call it
+        at the same step."""
+        return all_reduce_values(self.counts, group).cpu()
 
     def state_dict(self, group=None) -> dict:
         """The group's summed counts, for a checkpoint (JSON-able). Collective, as total()."""
@@ -160,7 +159,7 @@ class StreamingRows(torch.utils.data.IterableDataset):
         self.skip_malformed = skip_malformed
         self.pad_id, _ = special_ids(tokenizer)
 
-    def check_every_rank_has_rows(self, group=None, device=None) -> None:
+    def check_every_rank_has_rows(self, group=None) -> None:
         """Raises unless the files hold a record for every rank; reads only the first world_size records. With
         skip_malformed, also unless every rank has a usable one: a collective over the data-parallel group (every
         rank raises the same error before the first step, instead of one rank at the end of its records)."""
@@ -176,10 +175,9 @@ class StreamingRows(torch.utils.data.IterableDataset):
                             f"streaming needs at least one record per rank")
         if not self.skip_malformed:  # a malformed record raises on its own
             return
-        empty = torch.zeros(self.world_size, dtype=torch.int32, device=device)
-        empty[self.rank] = next(self.records(), None) is None  # reads up to this rank's first usable record
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(empty, group=group)
+        empty = [0] * self.world_size
+        empty[self.rank] = int(next(self.records(), None) is None)  # reads up to this rank's first usable record
+        empty = all_reduce_values(empty, group, dtype=torch.int32).cpu()
         if empty.any():
             ranks = ", ".join(str(r) for r in empty.nonzero().flatten().tolist())
             raise DataError(f"--streaming: {', '.join(self.paths)} gave no usable record to data-parallel rank(s) "

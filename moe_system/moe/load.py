@@ -8,7 +8,8 @@ twice; only shares and ratios are reported, which that does not change.
 """
 
 import torch
-import torch.distributed as dist
+
+from ..parallel.comm import all_reduce_values
 
 
 class ExpertLoadMeter:
@@ -51,9 +52,9 @@ def load_stats(prefix: str, counts: torch.Tensor, dropped: torch.Tensor | None =
 
 def global_counts(counts: list[torch.Tensor], groups) -> torch.Tensor:
     """Stack per-layer counts [L, E] and sum them over each process group in turn (e.g. the EP group, then
-    the expert-DP group: together every data-parallel rank of the stage)."""
+    the expert-DP group: together every data-parallel rank of the stage); float64, on the communication device.
+    No counts (a stage without MoE layers) still joins every reduction, as the other ranks of its groups do."""
     stacked = torch.stack([c.double() for c in counts]) if counts else torch.zeros(0, dtype=torch.float64)
     for group in groups:
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(stacked, group=group)
+        stacked = all_reduce_values(stacked, group)
     return stacked

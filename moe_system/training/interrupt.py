@@ -73,14 +73,12 @@ def stop_requested() -> bool:
     global _agreed_signal
     import torch
     import torch.distributed as dist
-    from colossalai.accelerator import get_accelerator
+
+    from ..parallel.comm import all_reduce_values
 
     agreed = _received["signal"]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        # On the accelerator's device: NCCL reduces device tensors only.
-        flag = torch.tensor([agreed], dtype=torch.int32, device=get_accelerator().get_current_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        agreed = int(flag.item())
+        agreed = int(all_reduce_values([agreed], dist.group.WORLD, op=dist.ReduceOp.MAX, dtype=torch.int32).item())
     _agreed_signal = agreed
     return agreed > 0
 

@@ -106,7 +106,7 @@ def run_training(args, earlier_run: list[str]) -> dict:
                                   rank=dist.get_group_rank(plugin.dp_group, dist.get_rank()),
                                   world_size=plugin.dp_group.size(), mask_prompt=args.mask_prompt,
                                   skip_malformed=args.skip_malformed)]
-        datasets[0].check_every_rank_has_rows(plugin.dp_group, device)
+        datasets[0].check_every_rank_has_rows(plugin.dp_group)
     else:
         datasets = [build_train_source(args, name, tokenizer, config) for name, _ in sources]
     dataset, token_counter = datasets[0], None
