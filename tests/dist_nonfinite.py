@@ -20,7 +20,7 @@ from dist_common import make_batch, make_config, routing_groups  # noqa: E402
 from dist_parity import boosted  # noqa: E402
 
 from moe_system.parallel.plugin import init_distributed  # noqa: E402
-from moe_system.training.step import forward_backward, pipeline_forward_backward  # noqa: E402
+from moe_system.training.forward_backward import forward_backward, pipeline_forward_backward  # noqa: E402
 
 
 def weights(model) -> list[torch.Tensor]:

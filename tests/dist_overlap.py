@@ -1,4 +1,4 @@
-"""Worker: the expert-parallel exchange pipelined in chunks (--comm_overlap) against the same model without it.
+"""Worker: the expert-parallel exchange overlapped in chunks (--comm_overlap) against the same model without it.
 
 Usage: torchrun --nproc_per_node N tests/dist_overlap.py OUT_JSON
 

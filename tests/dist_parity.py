@@ -21,9 +21,9 @@ from dist_common import STEPS, make_batch, make_config, make_model, make_optimiz
 
 from colossalai.booster import Booster  # noqa: E402
 
-from moe_system.parallel.checkpoint import canonical_state_dict  # noqa: E402
+from moe_system.parallel.checkpoint_io import canonical_state_dict  # noqa: E402
 from moe_system.parallel.plugin import build_plugin, init_distributed  # noqa: E402
-from moe_system.training.step import forward_backward, pipeline_forward_backward  # noqa: E402
+from moe_system.training.forward_backward import forward_backward, pipeline_forward_backward  # noqa: E402
 
 
 def check_groups(plugin, layout) -> None:

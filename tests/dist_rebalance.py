@@ -27,7 +27,7 @@ from dist_parity import train_step  # noqa: E402
 
 from colossalai.booster import Booster  # noqa: E402
 
-from moe_system.parallel.checkpoint import canonical_state_dict  # noqa: E402
+from moe_system.parallel.checkpoint_io import canonical_state_dict  # noqa: E402
 from moe_system.parallel.plugin import build_plugin, init_distributed  # noqa: E402
 from moe_system.parallel import rebalance  # noqa: E402
 from moe_system.parallel.rebalance import ExpertRebalancer, current_placement  # noqa: E402

@@ -1,4 +1,4 @@
-"""--comm_overlap: the expert-parallel exchange pipelined in chunks, forward and backward.
+"""--comm_overlap: the expert-parallel exchange overlapped in chunks, forward and backward.
 
 * chunk sizes and flag parsing (pure);
 * layer/model level on 2 and 4 gloo processes (tests/dist_overlap.py): losses, MoE outputs and every gradient

@@ -22,7 +22,7 @@ it replaces (colossalai 0.5.0, paths under colossalai/):
   is unchanged and reported as `skipped_overflow`; an overflow at the scaler's minimum scale is also
   `skipped_nonfinite` (no smaller scale can make that gradient finite).
 * Pipeline needs torch.distributed.is_hccl_available (pipeline/p2p.py:159): accelerator.install_cpu_support.
-* Checkpoint IO: checkpoint.py.
+* Checkpoint IO: checkpoint_io.py.
 """
 
 import math
@@ -50,7 +50,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils._pytree import tree_map
 
 from .accelerator import install_cpu_support
-from .checkpoint import OpenMoeCheckpointIO
+from .checkpoint_io import OpenMoeCheckpointIO
 from .layout import Layout, LayoutError, validate_layout
 from .policy import STAGE_ROUTER_KEYS, OpenMoePolicy
 
