@@ -14,7 +14,7 @@ Every `--load_balance_interval` steps, after the optimizer step:
 
 The gate is not permuted: the router keeps producing canonical expert ids and only the table changes, so no
 gate row and none of its optimizer state moves, and the model computes bit-for-bit the same function
-(tests/dist_rebalance.py checks identical losses and parameters against a run without rebalancing). The
+(tests/workers/dist_rebalance.py checks identical losses and parameters against a run without rebalancing). The
 reference instead swapped gate rows and their Adam moments, and under ep_zero swapped single scalars of the
 flat ZeRO shards instead of experts (openmoe_spec.md §4.8).
 """
