@@ -32,7 +32,6 @@ while an exchange was in flight.
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -40,6 +39,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from moe_system.parallel.ports import free_port
 
 from .common import environment, write_json
 
@@ -280,12 +281,6 @@ def _worker(rank: int, world: int, port: int, cfg: dict, cases: list, threads: i
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 scenarios, seconds")
@@ -306,7 +301,7 @@ def main(argv=None):
         out = os.path.join(tmp, "cases.pt")
         # Forked workers inherit the imports (colossalai's takes seconds); no thread pool is running yet.
         import moe_system.moe.expert_parallel  # noqa: F401
-        mp.start_processes(_worker, args=(args.nproc, _free_port(), cfg, wanted, args.threads, out),
+        mp.start_processes(_worker, args=(args.nproc, free_port(), cfg, wanted, args.threads, out),
                            nprocs=args.nproc, join=True, start_method="fork")
         cases = torch.load(out, weights_only=False)
     write_json(args.out, {

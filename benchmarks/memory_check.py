@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from moe_system.model import OpenMoeConfig, OpenMoeForCausalLM
-from moe_system.parallel.memory import GiB, estimate
+from moe_system.parallel.memory_planner import GiB, estimate
 
 from .common import LiveTensorBytes, environment, pick_device, write_json
 from .train_step import MasterWeightAdamW, optimizer_tensors

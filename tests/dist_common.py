@@ -1,4 +1,5 @@
-"""Shared by the multi-process parity workers (dist_*.py) and their single-process references (test_parallel*.py).
+"""Shared by the multi-process parity workers (workers/dist_*.py) and their single-process references
+(test_parallel*.py).
 
 A parity case trains the tiny OpenMoE for a few optimizer steps on one fixed global batch. The reference is
 one process in fp32 that walks the same routing groups (one per data-parallel shard, and per pipeline
@@ -107,5 +108,5 @@ def launch(worker: str, nproc: int, args: list[str], timeout: int, nnodes: int =
            "TRANSFORMERS_OFFLINE": "1", **(extra_env or {})}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     cmd = ["timeout", "-k", "5", str(timeout), sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", os.path.join(REPO, "tests", worker), *args]
+           f"--nproc_per_node={nproc}", os.path.join(REPO, "tests", "workers", worker), *args]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)

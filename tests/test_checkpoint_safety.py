@@ -30,8 +30,9 @@ def env(**faults) -> dict:
 def with_faults(faults: dict, *args, nproc=1, timeout=300) -> subprocess.CompletedProcess:
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      "--nproc_per_node", str(nproc)]
-    return subprocess.run(["timeout", "-k", "5", str(timeout), *launcher, str(ROOT / "tests" / "fault_launcher.py"),
-                           *args], cwd=ROOT, env=env(**faults), capture_output=True, text=True)
+    return subprocess.run(["timeout", "-k", "5", str(timeout), *launcher,
+                           str(ROOT / "tests" / "workers" / "fault_launcher.py"), *args],
+                          cwd=ROOT, env=env(**faults), capture_output=True, text=True)
 
 
 def torchrun(*args, timeout=300) -> subprocess.CompletedProcess:

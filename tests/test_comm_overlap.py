@@ -1,7 +1,7 @@
-"""--comm_overlap: the expert-parallel exchange pipelined in chunks, forward and backward.
+"""--comm_overlap: the expert-parallel exchange overlapped in chunks, forward and backward.
 
 * chunk sizes and flag parsing (pure);
-* layer/model level on 2 and 4 gloo processes (tests/dist_overlap.py): losses, MoE outputs and every gradient
+* layer/model level on 2 and 4 gloo processes (tests/workers/dist_overlap.py): losses, MoE outputs and every gradient
   with 2, 3, 4 and 7 chunks against one plain exchange, in dropless and capacity modes, with experts that get
   no token, under non-reentrant activation checkpointing, and in eval;
 * train.py under torchrun, 4 processes, --plugin hybrid (pipeline x EP): the logged losses with

@@ -30,7 +30,7 @@ from moe_system.model.loss import chunked_lm_loss
 from moe_system.model.modeling import OpenMoeAttention, OpenMoeRotaryEmbedding, build_attention_mask
 from moe_system.moe import OpenMoeSparseMLP, expert_ffn
 from moe_system.moe.experts import grouped_mm_supported
-from moe_system.training.step import forward_backward
+from moe_system.training.forward_backward import forward_backward
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_SWITCH = "MOE_GPU_TESTS_DEVICE"
@@ -372,7 +372,7 @@ class SyncCounter:
 def sync_bound(config: OpenMoeConfig, micro_batches: int = 1) -> dict:
     """Host synchronisations one forward_backward implies, counted by reading the code (dropless, one device):
 
-    * step.py: the global target count (summed on the CPU) and each micro-batch's input_ids and labels are
+    * forward_backward.py: the global target count (summed on the CPU) and each micro-batch's input_ids and labels are
       blocking host-to-device copies from the data loader's CPU tensors: 1 + 2 per micro-batch;
     * every MoE layer calls torch.bincount twice (router.route's counts, DispatchPlan.build's counts); on CUDA
       bincount reads its input's min and max back to the host even with minlength: up to 2 each;
@@ -386,7 +386,7 @@ def sync_bound(config: OpenMoeConfig, micro_batches: int = 1) -> dict:
 
 
 def test_host_syncs_per_training_step(device):
-    """forward_backward (step.py) + AdamW step on the tiny preset in bf16, dropless, one device, no Colossal-AI.
+    """forward_backward + AdamW step on the tiny preset in bf16, dropless, one device, no Colossal-AI.
     The loop around it adds its own reads (loss.item(), the isfinite check, tokens.item(), the progress bar's
     aux.item(); Colossal-AI's optimizer reads the gradient norm): not counted here."""
     cfg = OpenMoeConfig.from_preset("tiny")

@@ -14,7 +14,7 @@ from moe_system.data import load_tokenizer
 from moe_system.inference import Generator, SamplingSettings, format_chat, parse_chat
 from moe_system.inference.chat import CHAT_STOPS
 from moe_system.inference.cli import infer_main, multi_device_main
-from moe_system.inference.placement import (empty_model, expert_aware_device_map, parse_max_memory,
+from moe_system.inference.device_map import (empty_model, expert_aware_device_map, parse_max_memory,
                                             placement_units)
 from moe_system.inference.stopping import StreamPrinter, find_stop, held_back
 from moe_system.model import OpenMoeConfig, OpenMoeForCausalLM

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from moe_system.data import load_tokenizer
 from moe_system.inference.cli import infer_main, multi_device_main
-from moe_system.inference.placement import parse_max_memory
+from moe_system.inference.device_map import parse_max_memory
 from moe_system.model import OpenMoeConfig, OpenMoeForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]

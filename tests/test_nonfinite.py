@@ -48,7 +48,7 @@ def test_nonfinite_gradients_are_skipped_and_k_in_a_row_stop_the_run(tmp_path, n
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FAULT_INF_GRAD": "3,6,7,8",
            "FAULT_INF_RANKS": "" if nproc == 1 else "1"}
     result = subprocess.run(
-        ["timeout", "-k", "5", "200", *launcher, str(ROOT / "tests" / "fault_launcher.py"), *layout,
+        ["timeout", "-k", "5", "200", *launcher, str(ROOT / "tests" / "workers" / "fault_launcher.py"), *layout,
          "--max_steps", "10", "--batch_size", "4", "--save_interval", "1",
          "--save_total_limit", "0", "--log_interval", "1", "--max_nonfinite_steps", "3", "--output_path", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True)

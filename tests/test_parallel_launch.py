@@ -6,22 +6,17 @@ rendezvous over loopback into one world with EP across the nodes. Bounded by `ti
 """
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 from dist_common import REPO
 
+from moe_system.parallel.ports import free_port
+
 VENV_BIN = os.path.dirname(sys.executable)
 TRAIN_ARGS = ["--plugin", "ep", "--max_steps", "2", "--batch_size", "2", "--eval_samples", "2",
               "--log_interval", "1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _colossalai_run(launcher_args: list[str], output: str, timeout: int = 150):
@@ -29,7 +24,7 @@ def _colossalai_run(launcher_args: list[str], output: str, timeout: int = 150):
     env = {"PATH": VENV_BIN + os.pathsep + "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"),
            "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = ["timeout", "-k", "5", str(timeout), os.path.join(VENV_BIN, "colossalai"), "run", *launcher_args,
-           "--master_port", str(_free_port()), "train.py", *TRAIN_ARGS, "--output_path", output]
+           "--master_port", str(free_port()), "train.py", *TRAIN_ARGS, "--output_path", output]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
 
 

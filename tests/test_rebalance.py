@@ -9,7 +9,7 @@ import pytest
 import torch
 from dist_common import launch
 
-from moe_system.moe.placement import balanced_placement, imbalance, moved_experts, rank_loads
+from moe_system.moe.expert_placement import balanced_placement, imbalance, moved_experts, rank_loads
 
 RECORDED = os.path.join(os.path.dirname(__file__), "data", "recorded_expert_loads.json")
 

@@ -101,7 +101,8 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_and_resumes_bit_exa
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     subprocess.run(command(1, straight, *mix), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=300)
 
-    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "fault_launcher.py"), *command(1, broken, *mix)[2:]],
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "fault_launcher.py"),
+                             *command(1, broken, *mix)[2:]],
                             cwd=ROOT, env={**env(), "FAULT_KILL_IN_SAVE": "2"}, capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     partial = broken / ".checkpoint-8.partial"

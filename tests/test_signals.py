@@ -128,7 +128,7 @@ def test_a_signal_saves_a_checkpoint_and_exits(tmp_path, nproc, sig, target):
 @pytest.mark.slow
 def test_a_signal_during_a_save_lets_it_finish_then_exits(tmp_path):
     out = tmp_path / "run"
-    run = Run(command(1, out, "--save_interval", "3", script="tests/fault_launcher.py"), out,
+    run = Run(command(1, out, "--save_interval", "3", script="tests/workers/fault_launcher.py"), out,
               fault={"FAULT_SIGNAL_IN_SAVE": "1"})
     stdout, stderr = run.finish()
     assert run.proc.returncode == 143, stderr[-3000:]
@@ -139,7 +139,7 @@ def test_a_signal_during_a_save_lets_it_finish_then_exits(tmp_path):
 @pytest.mark.slow
 def test_a_second_signal_exits_at_once_without_saving(tmp_path):
     out = tmp_path / "run"
-    run = Run(command(1, out, script="tests/fault_launcher.py"), out, fault={"FAULT_SIGNAL_IN_SAVE": "1"})
+    run = Run(command(1, out, script="tests/workers/fault_launcher.py"), out, fault={"FAULT_SIGNAL_IN_SAVE": "1"})
     run.wait_for_steps(3)
     run.proc.send_signal(signal.SIGTERM)  # the second SIGTERM comes in the middle of the save this one starts
     stdout, stderr = run.finish()

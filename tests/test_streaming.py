@@ -80,7 +80,7 @@ def test_streaming_kill_then_resume_is_bit_exact(data, straight, tmp_path, nproc
     assert state["stream_rows_per_rank"] == 4 * GLOBAL_BATCH // nproc and state["epoch"] is None
 
     out = tmp_path / "broken"  # SIGKILL right after checkpoint-4 was published
-    killed = train(nproc, data, out, script="tests/fault_launcher.py", fault={"FAULT_KILL_AFTER_SAVE": "1"})
+    killed = train(nproc, data, out, script="tests/workers/fault_launcher.py", fault={"FAULT_KILL_AFTER_SAVE": "1"})
     assert killed.returncode not in (0, 124) and (out / "checkpoint-4").is_dir() and not (out / "final").exists()
     resumed = train(nproc, data, out, "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -13,8 +13,8 @@ from ..model.convert import CheckpointError
 from .generate import Generator, SamplingSettings, check_text
 from .loading import (DTYPE_CHOICES, InferenceError, checkpoint_config, load_model,
                       load_tokenizer_for, model_config, pick_device, resolve_dtype)
-from .memory import MIB, fmt_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
-from .placement import (STRATEGIES, auto_device_map, device_name, empty_model, expert_aware_device_map,
+from .process_memory import MIB, fmt_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+from .device_map import (STRATEGIES, auto_device_map, device_name, empty_model, expert_aware_device_map,
                         load_dispatched, parse_max_memory, planned_bytes, read_device_map)
 from .session import Session, read_prompt_file
 

@@ -3,20 +3,20 @@
 The backward of an all-to-all is the same all-to-all with send and receive sizes swapped: every row's
 gradient travels back to the rank that sent the row.
 
-An exchange is two autograd nodes sharing a `Ticket`: `launch` starts an asynchronous all_to_all_single and
-returns its receive buffer, not yet filled; `wait` waits for it and passes the buffer on. Whatever runs
-between the two (another chunk's experts) overlaps the transfer. In backward the roles swap: `wait`'s backward
-launches the reverse exchange of the gradient and `launch`'s backward waits for it and returns it, so the
-gradient exchange overlaps whatever the autograd engine runs between those two nodes (moe/expert_parallel.py
-orders the graph so that this is the expert backward of a neighbouring chunk). Every rank must build the same
-graph: collectives are matched by the order in which ranks issue them.
+An exchange is two autograd nodes sharing an `AsyncAllToAll`: `launch` starts an asynchronous
+all_to_all_single and returns its receive buffer, not yet filled; `wait` waits for it and passes the buffer
+on. Whatever runs between the two (another chunk's experts) overlaps the transfer. In backward the roles swap:
+`wait`'s backward launches the reverse exchange of the gradient and `launch`'s backward waits for it and
+returns it, so the gradient exchange overlaps whatever the autograd engine runs between those two nodes
+(moe/expert_parallel.py orders the graph so that this is the expert backward of a neighbouring chunk). Every
+rank must build the same graph: collectives are matched by the order in which ranks issue them.
 """
 
 import torch
 import torch.distributed as dist
 
 
-class Ticket:
+class AsyncAllToAll:
     """One all-to-all of rows: recv_splits[j] rows come from rank j, send_splits[j] go to it (None: equal parts).
     Holds the collective in flight and its send buffer, which must stay alive until the collective completes."""
 
@@ -46,50 +46,50 @@ class Ticket:
 
 class _Launch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ticket):
-        ctx.ticket = ticket
-        return ticket.start(x, ticket.recv_splits, ticket.send_splits)
+    def forward(ctx, x, exchange):
+        ctx.exchange = exchange
+        return exchange.start(x, exchange.recv_splits, exchange.send_splits)
 
     @staticmethod
     def backward(ctx, grad):
         # `grad` is only the token _Wait.backward passed along the edge; the gradient of x is the reverse
         # exchange it launched.
-        return ctx.ticket.wait(), None
+        return ctx.exchange.wait(), None
 
 
 class _Wait(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, buffer, ticket):
-        ticket.wait()
-        ctx.ticket = ticket
+    def forward(ctx, buffer, exchange):
+        exchange.wait()
+        ctx.exchange = exchange
         return buffer.view_as(buffer)
 
     @staticmethod
     def backward(ctx, grad):
-        ticket = ctx.ticket
-        ticket.start(grad, ticket.send_splits, ticket.recv_splits)
+        exchange = ctx.exchange
+        exchange.start(grad, exchange.send_splits, exchange.recv_splits)
         # The edge to _Launch carries a tensor of the receive buffer's shape; the exchanged gradient has the
-        # send buffer's and is handed over through the ticket.
+        # send buffer's and is handed over through the AsyncAllToAll.
         return grad, None
 
 
-def launch(x: torch.Tensor, ticket: Ticket) -> torch.Tensor:
+def launch(x: torch.Tensor, exchange: AsyncAllToAll) -> torch.Tensor:
     """Start sending rows x [N, ...] (send_splits[j] consecutive rows to rank j); returns the receive buffer,
-    which holds the rows received, grouped by source rank, only after `wait(buffer, ticket)`."""
-    return _Launch.apply(x, ticket)
+    which holds the rows received, grouped by source rank, only after `wait(buffer, exchange)`."""
+    return _Launch.apply(x, exchange)
 
 
-def wait(buffer: torch.Tensor, ticket: Ticket) -> torch.Tensor:
+def wait(buffer: torch.Tensor, exchange: AsyncAllToAll) -> torch.Tensor:
     """Wait for the exchange `launch` started; returns the filled receive buffer."""
-    return _Wait.apply(buffer, ticket)
+    return _Wait.apply(buffer, exchange)
 
 
 def all_to_all(x: torch.Tensor, group, recv_splits: list[int] | None = None,
                send_splits: list[int] | None = None) -> torch.Tensor:
     """Rows x [N, ...]: send_splits[j] consecutive rows go to rank j; returns the rows received, grouped by
     source rank (recv_splits[j] from rank j). Without splits, every rank sends and receives equal parts."""
-    ticket = Ticket(group, recv_splits, send_splits)
-    return wait(launch(x, ticket), ticket)
+    exchange = AsyncAllToAll(group, recv_splits, send_splits)
+    return wait(launch(x, exchange), exchange)
 
 
 def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:

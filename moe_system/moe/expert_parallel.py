@@ -12,11 +12,11 @@ code, so an EP layer computes the same function as OpenMoeSparseMLP.
   dropped copies have weight 0 in the combine, exactly as on one device.
 * overlap (overlap_chunks = n > 1, --comm_overlap): each expert's block of rows (or slots) is cut into n
   near-equal parts and chunk j gathers the j-th part of every expert, so a chunk is itself expert-sorted and
-  goes through the same exchange and regrouping as the whole. The chunks are pipelined with asynchronous
-  all-to-alls, in the forward and in the backward (`_pipeline`). Every row meets the same expert weights; only
-  the GEMMs' row counts change, which changes a row's result only where the BLAS picks another kernel for very
-  few rows (outputs and input gradients: bitwise equal, or ~1e-7 relative). Expert weight gradients are summed
-  over chunks in another order (~1e-7 relative).
+  goes through the same exchange and regrouping as the whole. Each chunk's asynchronous all-to-alls overlap
+  other chunks' experts, in the forward and in the backward (`_overlapped_exchange`). Every row meets the same
+  expert weights; only the GEMMs' row counts change, which changes a row's result only where the BLAS picks
+  another kernel for very few rows (outputs and input gradients: bitwise equal, or ~1e-7 relative). Expert
+  weight gradients are summed over chunks in another order (~1e-7 relative).
 
 Gradient semantics. Every rank backpropagates its share of the global-batch loss and the optimizer averages
 dense gradients over all dp = moe_dp * ep data-parallel ranks. An expert's gradient is the sum of the
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from colossalai.tensor.moe_tensor.api import set_moe_tensor_ep_group
 
-from .all_to_all import Ticket, exchange_counts, launch, scale_grad, wait
+from .all_to_all import AsyncAllToAll, exchange_counts, launch, scale_grad, wait
 from .experts import expert_ffn
 from .layer import OpenMoeSparseMLP
 from .permute import DispatchPlan, inverse_permutation
@@ -44,7 +44,7 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
     def from_native_module(cls, module: OpenMoeSparseMLP, process_group=None, ep_group=None, overlap_chunks: int = 1,
                            **kwargs):
         """Shardformer hook: turn a single-device layer into this rank's EP layer in place (the parameters keep
-        their identity, so an optimizer built before boosting still owns them). overlap_chunks > 1 pipelines the
+        their identity, so an optimizer built before boosting still owns them). overlap_chunks > 1 overlaps the
         exchange with the experts in that many chunks (--comm_overlap)."""
         if overlap_chunks < 1:
             raise ValueError(f"overlap_chunks must be at least 1, got {overlap_chunks}")
@@ -100,7 +100,8 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
         # chunk is itself expert-sorted and is sent exactly like an unchunked exchange.
         order = None if n == 1 else torch.argsort(plan.rank * n // plan.counts[plan.expert_of_row], stable=True)
         chunks = [rows] if order is None else rows[order].split([sum(s) for s in send_splits])
-        returned = self._pipeline(chunks, send_splits, recv_splits, lambda j, x: self._grouped_by_source(x, recv[j]))
+        returned = self._overlapped_exchange(chunks, send_splits, recv_splits,
+                                             lambda j, x: self._grouped_by_source(x, recv[j]))
         return returned[0] if order is None else torch.cat(returned)[inverse_permutation(order)]
 
     def _capacity_exchange(self, rows: torch.Tensor, plan: DispatchPlan, cap: int) -> torch.Tensor:
@@ -129,7 +130,7 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
             out = self._local_experts(expert_major, counts)
             return out.view(local, ep, size, hidden).transpose(0, 1).reshape(-1, hidden)
 
-        returned = self._pipeline(chunks, equal, equal, experts)
+        returned = self._overlapped_exchange(chunks, equal, equal, experts)
         if n > 1:  # chunk j holds slots [lo_j, hi_j) of every expert: put them side by side again
             returned = [torch.cat([r.view(self.num_experts, -1, hidden) for r in returned], dim=1).view(-1, hidden)]
         returned = returned[0]                                                       # [E * cap, H]
@@ -147,7 +148,7 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
         out = self._local_experts(received[order], counts.sum(0))
         return out[inverse_permutation(order)]
 
-    def _pipeline(self, chunks, send_splits, recv_splits, experts) -> list[torch.Tensor]:
+    def _overlapped_exchange(self, chunks, send_splits, recv_splits, experts) -> list[torch.Tensor]:
         """Send chunks[j] (rows grouped by destination rank, send_splits[j] to each), run experts(j, received) on
         what arrives (recv_splits[j] rows from each source) and send the results back; returns, per chunk, the
         rows that came back, in the layout of chunks[j]. With one chunk this is a plain exchange each way.
@@ -164,8 +165,8 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
         its exchanges and a zero-row expert call), so all ranks issue the collectives in the same order.
         """
         group, n = self.ep_group, len(chunks)
-        dispatch = [Ticket(group, recv_splits[j], send_splits[j]) for j in range(n)]
-        combine = [Ticket(group, send_splits[j], recv_splits[j]) for j in range(n)]
+        dispatch = [AsyncAllToAll(group, recv_splits[j], send_splits[j]) for j in range(n)]
+        combine = [AsyncAllToAll(group, send_splits[j], recv_splits[j]) for j in range(n)]
         arriving = launch(chunks[0], dispatch[0])
         leaving, returned = [], []
         for j in range(n):

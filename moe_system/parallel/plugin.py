@@ -22,12 +22,11 @@ it replaces (colossalai 0.5.0, paths under colossalai/):
   is unchanged and reported as `skipped_overflow`; an overflow at the scaler's minimum scale is also
   `skipped_nonfinite` (no smaller scale can make that gradient finite).
 * Pipeline needs torch.distributed.is_hccl_available (pipeline/p2p.py:159): accelerator.install_cpu_support.
-* Checkpoint IO: checkpoint.py.
+* Checkpoint IO: checkpoint_io.py.
 """
 
 import math
 import os
-import socket
 from types import MethodType
 
 import colossalai
@@ -50,9 +49,10 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils._pytree import tree_map
 
 from .accelerator import install_cpu_support
-from .checkpoint import OpenMoeCheckpointIO
+from .checkpoint_io import OpenMoeCheckpointIO
 from .layout import Layout, LayoutError, validate_layout
 from .policy import STAGE_ROUTER_KEYS, OpenMoePolicy
+from .ports import free_port
 
 SYNC_BUCKET_ELEMENTS = 32 * 1024 * 1024
 
@@ -335,17 +335,11 @@ class OpenMoeParallelPlugin(MoeHybridParallelPlugin):
         return model, optimizer, criterion, dataloader, lr_scheduler
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(seed: int) -> None:
     """Join the torchrun/colossalai-run world, or make a one-process world when started as `python train.py`."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     install_cpu_support()
     colossalai.launch_from_torch(seed=seed, verbose=False)
 

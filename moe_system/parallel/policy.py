@@ -2,7 +2,7 @@
 
 * Every MoE layer (`model.layers.{i}.mlp` for i in config.moe_layer_indices) is turned into this rank's
   ExpertParallelSparseMLP (shardformer calls its `from_native_module` with the EP group, and with the number of
-  chunks its all-to-alls are pipelined in: --comm_overlap).
+  chunks its all-to-alls are overlapped in: --comm_overlap).
 * With a pipeline, each stage holds a contiguous run of decoder layers (the embedding on the first stage,
   the final norm and LM head on the last, the rotary table everywhere) and runs `pipeline_stage_forward`.
   Router losses are summed over the stage's MoE layers and travel with the hidden states to the next stage,

@@ -3,7 +3,7 @@
 Every `--load_balance_interval` steps, after the optimizer step:
 1. each MoE layer's routed-token counts since the last rebalance (moe/load.py) are summed over the EP group and
    then the expert-DP group, so every rank of the stage sees the same global load;
-2. every rank runs the same deterministic placement search (moe/placement.py);
+2. every rank runs the same deterministic placement search (moe/expert_placement.py);
 3. each moved expert travels with everything that belongs to it: the working weights, and for each of them the
    optimizer's fp32 master and every per-element state (Adam's exp_avg and exp_avg_sq). Adam's `step` is one
    count per tensor, equal for all experts, so it stays. Under ZeRO the master and states are flat shards over
@@ -14,7 +14,7 @@ Every `--load_balance_interval` steps, after the optimizer step:
 
 The gate is not permuted: the router keeps producing canonical expert ids and only the table changes, so no
 gate row and none of its optimizer state moves, and the model computes bit-for-bit the same function
-(tests/dist_rebalance.py checks identical losses and parameters against a run without rebalancing). The
+(tests/workers/dist_rebalance.py checks identical losses and parameters against a run without rebalancing). The
 reference instead swapped gate rows and their Adam moments, and under ep_zero swapped single scalars of the
 flat ZeRO shards instead of experts (docs/moe.md, Expert load rebalancing).
 """
@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..moe.expert_parallel import ExpertParallelSparseMLP
 from ..moe.load import ExpertLoadMeter, global_counts, load_stats
-from ..moe.placement import balanced_placement, imbalance, moved_experts, rank_loads
+from ..moe.expert_placement import balanced_placement, imbalance, moved_experts, rank_loads
 
 EXPERT_WEIGHTS = ("wi_gate", "wi_up", "wo")
 

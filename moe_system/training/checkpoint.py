@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.convert import CheckpointError
-from ..parallel.checkpoint import safe_load, save_state
+from ..parallel.checkpoint_io import safe_load, save_state
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"

@@ -34,7 +34,7 @@ from .metrics import MetricsLogger, format_load
 from .output_dir import claim_output_dir
 from .sampler import ResumableDistributedSampler
 from .schedule import build_scheduler
-from .step import forward_backward, pipeline_forward_backward
+from .forward_backward import forward_backward, pipeline_forward_backward
 
 H100_BF16_PEAK_TFLOPS = 989.0
 

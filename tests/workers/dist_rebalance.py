@@ -1,6 +1,6 @@
 """Worker: expert rebalancing must not change training (torchrun, gloo).
 
-Usage: torchrun --nproc_per_node N tests/dist_rebalance.py OUT_DIR CASE_JSON [CASE_JSON ...]
+Usage: torchrun --nproc_per_node N tests/workers/dist_rebalance.py OUT_DIR CASE_JSON [CASE_JSON ...]
 
 Per case (plugin, zero, precision, ep / extra_dp_size / pp, dispatch), three runs from the same initial weights
 on the same data, STEPS optimizer steps each:
@@ -20,14 +20,15 @@ from argparse import Namespace
 import torch
 import torch.distributed as dist
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+# Run as a script: its own folder (tests/workers) is on sys.path; dist_common and moe_system are not.
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
 from dist_common import make_batch, make_config, make_model, make_optimizer, routing_groups  # noqa: E402
 from dist_parity import train_step  # noqa: E402
 
 from colossalai.booster import Booster  # noqa: E402
 
-from moe_system.parallel.checkpoint import canonical_state_dict  # noqa: E402
+from moe_system.parallel.checkpoint_io import canonical_state_dict  # noqa: E402
 from moe_system.parallel.plugin import build_plugin, init_distributed  # noqa: E402
 from moe_system.parallel import rebalance  # noqa: E402
 from moe_system.parallel.rebalance import ExpertRebalancer, current_placement  # noqa: E402

@@ -1,6 +1,6 @@
-"""Worker: the expert-parallel exchange pipelined in chunks (--comm_overlap) against the same model without it.
+"""Worker: the expert-parallel exchange overlapped in chunks (--comm_overlap) against the same model without it.
 
-Usage: torchrun --nproc_per_node N tests/dist_overlap.py OUT_JSON
+Usage: torchrun --nproc_per_node N tests/workers/dist_overlap.py OUT_JSON
 
 The tiny OpenMoE with every MoE layer turned into an EP layer over the whole (gloo) world, each rank training on
 its shard of the parity batch. For every dispatch mode (and with experts that receive no token), the loss, the
@@ -16,7 +16,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+# Run as a script: its own folder (tests/workers) is on sys.path; dist_common and moe_system are not.
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
 from dist_common import make_batch, make_config, make_model, routing_groups  # noqa: E402
 

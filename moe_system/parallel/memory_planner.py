@@ -1,6 +1,6 @@
 """Per-GPU memory planner for OpenMoE training under the ep, ep_zero and hybrid layouts.
 
-    python -m moe_system.parallel.memory --model_name 8b --plugin ep_zero --world 8 --extra_dp_size 2 \
+    python -m moe_system.parallel.memory_planner --model_name 8b --plugin ep_zero --world 8 --extra_dp_size 2 \
         --zero_stage 1 --precision bf16 --batch_size 1 --max_length 2048 [--checkpointing] \
         [--gpu_memory 80GiB --suggest]
 

@@ -16,7 +16,8 @@ FAULT_ENOSPC_IN_SAVE=N  in the N-th checkpoint save the disk is full: torch.save
 FAULT_DISK_FREE=BYTES   shutil.disk_usage reports this much free space
 FAULT_FSYNC_LOG=FILE    append the path of every os.fsync'ed file or directory to FILE
 
-Single process: `python tests/fault_launcher.py ARGS`; several: `torchrun ... tests/fault_launcher.py ARGS`.
+Single process: `python tests/workers/fault_launcher.py ARGS`; several:
+`torchrun ... tests/workers/fault_launcher.py ARGS`.
 """
 
 import errno
@@ -34,7 +35,7 @@ import torch.distributed as dist
 import moe_system.training.checkpoint as checkpoint_module
 import moe_system.training.loop as loop
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def numbers(name: str) -> set[int]:

@@ -1,6 +1,6 @@
 """Worker: train parity cases under torchrun and write what rank 0 sees (losses, grad norms, gathered params).
 
-Usage: torchrun --nproc_per_node N tests/dist_parity.py OUT_DIR CASE_JSON [CASE_JSON ...]
+Usage: torchrun --nproc_per_node N tests/workers/dist_parity.py OUT_DIR CASE_JSON [CASE_JSON ...]
 Each case is a dict: plugin, zero, precision, extra_dp_size / pp, dp, ep, microbatch, dispatch, starve,
 optimizer, max_norm, name; optionally save (a directory for booster.save_model), overlap (--comm_overlap
 with that many chunks).
@@ -15,15 +15,16 @@ from argparse import Namespace
 import torch
 import torch.distributed as dist
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+# Run as a script: its own folder (tests/workers) is on sys.path; dist_common and moe_system are not.
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
 from dist_common import STEPS, make_batch, make_config, make_model, make_optimizer, routing_groups  # noqa: E402
 
 from colossalai.booster import Booster  # noqa: E402
 
-from moe_system.parallel.checkpoint import canonical_state_dict  # noqa: E402
+from moe_system.parallel.checkpoint_io import canonical_state_dict  # noqa: E402
 from moe_system.parallel.plugin import build_plugin, init_distributed  # noqa: E402
-from moe_system.training.step import forward_backward, pipeline_forward_backward  # noqa: E402
+from moe_system.training.forward_backward import forward_backward, pipeline_forward_backward  # noqa: E402
 
 
 def check_groups(plugin, layout) -> None:

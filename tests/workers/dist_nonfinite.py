@@ -1,6 +1,6 @@
 """Worker: every optimizer path skips a step whose gradient is non-finite, on every rank alike.
 
-Usage: torchrun --nproc_per_node 2 tests/dist_nonfinite.py CASE_JSON [CASE_JSON ...]
+Usage: torchrun --nproc_per_node 2 tests/workers/dist_nonfinite.py CASE_JSON [CASE_JSON ...]
 A case: plugin, zero, precision, optionally pp/ep/moe_dp/microbatch, max_norm. Per case: one clean step (applied),
 then a step whose gradient is made inf on the last rank only (a tensor hook on its first parameter; the loss stays
 finite): every rank must skip it and keep its weights bit for bit; fp16 reports a loss-scale overflow instead,
@@ -14,13 +14,14 @@ import sys
 import torch
 import torch.distributed as dist
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+# Run as a script: its own folder (tests/workers) is on sys.path; dist_common and moe_system are not.
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
 from dist_common import make_batch, make_config, routing_groups  # noqa: E402
 from dist_parity import boosted  # noqa: E402
 
 from moe_system.parallel.plugin import init_distributed  # noqa: E402
-from moe_system.training.step import forward_backward, pipeline_forward_backward  # noqa: E402
+from moe_system.training.forward_backward import forward_backward, pipeline_forward_backward  # noqa: E402
 
 
 def weights(model) -> list[torch.Tensor]:
