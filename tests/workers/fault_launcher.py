@@ -145,22 +145,17 @@ def log_fsync(log: str) -> None:
     os.fsync = logged_fsync
 
 
+# One fault per variable: its injector and how to read the variable's value.
+FAULTS = {"FAULT_KILL_IN_SAVE": (kill_in_save, int), "FAULT_SIGNAL_IN_SAVE": (signal_in_save, int),
+          "FAULT_KILL_AFTER_SAVE": (kill_after_save, int), "FAULT_KILL_IN_PUBLISH": (kill_in_publish, int),
+          "FAULT_ENOSPC_IN_SAVE": (disk_full_in_save, int), "FAULT_DISK_FREE": (fake_free_space, int),
+          "FAULT_FSYNC_LOG": (log_fsync, str)}
+
 if __name__ == "__main__":
     if numbers("FAULT_INF_GRAD"):
         inject_inf_gradients(numbers("FAULT_INF_GRAD"), numbers("FAULT_INF_RANKS"))
-    if os.environ.get("FAULT_KILL_IN_SAVE"):
-        kill_in_save(int(os.environ["FAULT_KILL_IN_SAVE"]))
-    if os.environ.get("FAULT_SIGNAL_IN_SAVE"):
-        signal_in_save(int(os.environ["FAULT_SIGNAL_IN_SAVE"]))
-    if os.environ.get("FAULT_KILL_AFTER_SAVE"):
-        kill_after_save(int(os.environ["FAULT_KILL_AFTER_SAVE"]))
-    if os.environ.get("FAULT_KILL_IN_PUBLISH"):
-        kill_in_publish(int(os.environ["FAULT_KILL_IN_PUBLISH"]))
-    if os.environ.get("FAULT_ENOSPC_IN_SAVE"):
-        disk_full_in_save(int(os.environ["FAULT_ENOSPC_IN_SAVE"]))
-    if os.environ.get("FAULT_DISK_FREE"):
-        fake_free_space(int(os.environ["FAULT_DISK_FREE"]))
-    if os.environ.get("FAULT_FSYNC_LOG"):
-        log_fsync(os.environ["FAULT_FSYNC_LOG"])
+    for name, (inject, parse) in FAULTS.items():
+        if os.environ.get(name):
+            inject(parse(os.environ[name]))
     sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
     runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
