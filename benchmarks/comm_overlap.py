@@ -5,9 +5,9 @@
     python -m benchmarks.comm_overlap --nproc 4 --chunks 2 4 8 --scenarios both
 
 `--nproc` processes (gloo, spawned by this script, one thread each) form one EP group; each holds an
-ExpertParallelSparseMLP with num_experts / nproc experts and routes its own `--tokens` tokens. The same layer
-runs with overlap_chunks = 1 (one all-to-all each way, what runs without --comm_overlap) and with each of
-`--chunks`, on the same input.
+OpenMoeSparseMLP sharded to num_experts / nproc experts (moe/expert_parallel.py, shard_experts) and routes its
+own `--tokens` tokens. The same layer runs with overlap_chunks = 1 (one all-to-all each way, what runs without
+--comm_overlap) and with each of `--chunks`, on the same input.
 
 On one CPU, gloo's loopback transfers and the expert GEMMs compete for the same cores, so real overlap has
 little to hide. The scenarios therefore inject costs that, like a GPU kernel or a network transfer, take time
@@ -142,7 +142,7 @@ def install_slow_experts(us_per_row: float, link):
 def build_layer(cfg: dict, dispatch: str, rank: int, world: int):
     from moe_system.model import OpenMoeConfig
     from moe_system.moe import OpenMoeSparseMLP
-    from moe_system.moe.expert_parallel import ExpertParallelSparseMLP
+    from moe_system.moe.expert_parallel import shard_experts
 
     config = OpenMoeConfig(hidden_size=cfg["hidden"], intermediate_size=cfg["inter"], num_experts=cfg["experts"],
                            router_topk=cfg["top_k"], dispatch=dispatch, capacity_factor_train=1.25,
@@ -150,7 +150,7 @@ def build_layer(cfg: dict, dispatch: str, rank: int, world: int):
     torch.manual_seed(0)  # the same weights on every rank; each keeps its experts
     layer = OpenMoeSparseMLP(config)
     layer.reset_parameters()
-    layer = ExpertParallelSparseMLP.from_native_module(layer, ep_group=dist.group.WORLD).train()
+    layer = shard_experts(layer, ep_group=dist.group.WORLD).train()
     g = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(1, cfg["tokens"], cfg["hidden"], generator=g)
     grad_out = torch.randn(x.shape, generator=g)
@@ -182,7 +182,7 @@ def timed(layer, x, grad_out, chunk_counts: list[int], warmup: int, iters: int) 
     samples = {chunks: [] for chunks in chunk_counts}
     for i in range(warmup + iters):
         for chunks in chunk_counts:
-            layer.overlap_chunks = chunks
+            layer.dispatcher.overlap_chunks = chunks
             xi = x.detach().requires_grad_()
             layer.zero_grad(set_to_none=True)
             dist.barrier()
@@ -231,11 +231,11 @@ def _run_scenario(cfg: dict, scenario: str, dispatch: str, rank: int, world: int
         injected["experts_ms_forward"] = rows * cfg["expert_us_per_row"] * 1e-3
         injected["experts_ms_backward"] = 2 * injected["experts_ms_forward"]
 
-    layer.overlap_chunks = 1
+    layer.dispatcher.overlap_chunks = 1
     ref_out, ref_grad_x, ref_grads = forward_backward(layer, x, grad_out)
     results = {}
     for chunks in [1, *cfg["chunks"]]:
-        layer.overlap_chunks = chunks
+        layer.dispatcher.overlap_chunks = chunks
         out, grad_x, grads = forward_backward(layer, x, grad_out)
         check = dict(zip(["out", "grad_input", "grad_experts"], max_over_ranks([
             max_rel_diff(out, ref_out), max_rel_diff(grad_x, ref_grad_x),
@@ -254,7 +254,7 @@ def _run_scenario(cfg: dict, scenario: str, dispatch: str, rank: int, world: int
             entry["saved_ms"] = plain["total_ms"] - entry["total_ms"]
     case = {"scenario": scenario, "dispatch": dispatch, "injected": injected, "results": results}
     if scenario == "both" and link is not None and plain["status"] == "ok":
-        layer.overlap_chunks = max(cfg["chunks"])
+        layer.dispatcher.overlap_chunks = max(cfg["chunks"])
         xi = x.detach().requires_grad_()
         out = layer(xi)[0]
         dist.barrier()
@@ -262,7 +262,7 @@ def _run_scenario(cfg: dict, scenario: str, dispatch: str, rank: int, world: int
         out.backward(grad_out)
         link.event("backward end")
         t0 = link.trace[0][0]
-        case["backward_trace_rank0"] = {"chunks": layer.overlap_chunks,
+        case["backward_trace_rank0"] = {"chunks": layer.dispatcher.overlap_chunks,
                                         "events": [[round((t - t0) * 1e3, 2), what] for t, what in link.trace]}
         link.trace = None
     return case

@@ -130,3 +130,18 @@ def test_checkpointing_gives_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_in_stages_equals_the_whole_model():
+    """What a pipeline stage runs: its layers from the previous stage's hidden states and router-loss sums."""
+    model = tiny(num_hidden_layers=4)
+    assert len(model.config.moe_layer_indices) == 2
+    ids = torch.randint(3, 1024, (2, 12))
+    whole = model(ids, labels=ids)
+    first = model.model(ids, layers=slice(0, 2), final_norm=False)
+    assert torch.count_nonzero(first.router_aux_sum) == 1  # one of the two MoE layers so far
+    last = model.model(ids, inputs_embeds=first.last_hidden_state, layers=slice(2, 4),
+                       router_sums=(first.router_aux_sum, first.router_z_sum))
+    staged = model.lm_output(last, labels=ids)
+    for name in ("loss", "lm_loss", "aux_loss", "router_z_loss"):
+        torch.testing.assert_close(getattr(staged, name), getattr(whole, name), rtol=1e-6, atol=0.0)

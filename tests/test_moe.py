@@ -181,3 +181,20 @@ def test_autocast_keeps_the_router_in_fp32_and_the_experts_on_grouped_gemm(monke
     torch.testing.assert_close(routing.weights, route(x.view(-1, 128), moe.gate_weight, 2).weights)  # fp32 router
     ref, _, _ = layer().train()(x)
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+def test_expert_parallel_layer_keeps_its_parameters_and_its_function():
+    from moe_system.moe.expert_parallel import AllToAllDispatch, shard_experts
+    from moe_system.moe.layer import LocalDispatch
+
+    moe = layer().train()
+    assert isinstance(moe.dispatcher, LocalDispatch)
+    x = torch.randn(2, 24, 128)
+    want = moe(x)[0]
+    params = list(moe.parameters())
+    assert shard_experts(moe, ep_group=None, overlap_chunks=3) is moe  # one process: every expert is local
+    assert isinstance(moe.dispatcher, AllToAllDispatch) and moe.dispatcher.overlap_chunks == 3
+    assert all(a is b for a, b in zip(moe.parameters(), params)) and moe.experts.wo.shape[0] == moe.num_experts
+    torch.testing.assert_close(moe(x)[0], want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="overlap_chunks must be at least 1"):
+        shard_experts(layer(), ep_group=None, overlap_chunks=0)

@@ -8,13 +8,14 @@ hence the looser tolerances below.
 """
 
 import json
-from argparse import Namespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from dist_common import launch, make_batch, reference_run
 
+from moe_system.model import OpenMoeConfig
+from moe_system.parallel.config import ParallelConfig
 from moe_system.parallel.layout import Layout, LayoutError, validate_layout
 
 # name: (plugin settings, reference settings). dp = data-parallel ranks = routing groups of the reference.
@@ -260,9 +261,21 @@ def test_build_plugin_refuses_before_any_process_group(monkeypatch):
     assert not torch.distributed.is_initialized()
     monkeypatch.setattr(plugin.dist, "get_world_size", lambda *a: 3)
     monkeypatch.setattr(plugin.dist, "get_rank", lambda *a: 0)
-    args = Namespace(plugin="ep", zero_stage=None, precision=None, extra_dp_size=1, pp_size=2, dp_size=1,
-                     ep_size=2, microbatch_size=1, max_grad_norm=1.0, seed=0, model_name="tiny", batch_size=4)
+    parallel = ParallelConfig(plugin="ep", pp_size=2, ep_size=2, microbatch_size=1, max_grad_norm=1.0, batch_size=4)
     with pytest.raises(LayoutError, match="--plugin ep puts 8 experts over all 3 processes"):
-        plugin.build_plugin(args)
+        plugin.build_plugin(parallel, OpenMoeConfig.from_preset("tiny"))
     assert not torch.distributed.is_initialized()
 
+
+
+def test_parallel_config_from_flags():
+    from moe_system.training.args import parse_args
+
+    plain = ParallelConfig.from_args(parse_args(["--plugin", "ep_zero", "--extra_dp_size", "2",
+                                                 "--max_grad_norm", "0"]))
+    assert (plain.plugin, plain.extra_dp_size, plain.max_grad_norm, plain.comm_overlap_chunks) == ("ep_zero", 2, 0.0, 1)
+    assert plain.zero_stage is None and plain.precision is None  # resolved by build_plugin from the world and device
+    hybrid = ParallelConfig.from_args(parse_args(["--plugin", "hybrid", "--pp_size", "2", "--ep_size", "1",
+                                                  "--microbatch_size", "2", "--comm_overlap", "--zero_stage", "1"]))
+    assert (hybrid.pp_size, hybrid.ep_size, hybrid.microbatch_size, hybrid.zero_stage) == (2, 1, 2, 1)
+    assert hybrid.comm_overlap_chunks == 4  # --comm_overlap's default chunk count

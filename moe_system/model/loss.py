@@ -76,6 +76,12 @@ class FusedLinearLoss(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def router_loss(cfg, aux_loss: torch.Tensor, z_loss: torch.Tensor) -> torch.Tensor:
+    """The routers' part of the training loss: load balancing and router z-loss (means over the MoE layers), each
+    weighted by its factor in the model config."""
+    return cfg.router_aux_loss_factor * aux_loss + cfg.router_z_loss_factor * z_loss
+
+
 def chunked_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, *,
                     label_smoothing: float = 0.0, z_loss_factor: float = 0.0, chunk_tokens: int = 4096,
                     num_items: int | torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..moe.experts import swiglu3
 from ..moe.layer import OpenMoeSparseMLP
 from .config import OpenMoeConfig
-from .loss import chunked_lm_loss
+from .loss import chunked_lm_loss, router_loss
 
 
 class OpenMoeRMSNorm(nn.Module):
@@ -174,7 +174,11 @@ class OpenMoeModel(OpenMoePreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+                inputs_embeds=None, use_cache=None, *, layers: slice = slice(None), router_sums=None,
+                final_norm: bool = True, **kwargs):
+        """Runs self.layers[layers] (all of them by default). A pipeline stage runs its own run of layers: from the
+        previous stage's hidden states (inputs_embeds: no embedding) and router-loss sums (router_sums), and
+        without the final norm unless it is the last stage (parallel/policy.py)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         bsz, seq = x.shape[:2]
         if use_cache and past_key_values is None:
@@ -188,28 +192,29 @@ class OpenMoeModel(OpenMoePreTrainedModel):
         cos, sin = self.rotary_emb(position_ids)
         mask = build_attention_mask(attention_mask, seq, past_len, x)
 
-        aux_losses, z_losses = [], []
-        for layer in self.layers:
+        zero = x.new_zeros((), dtype=torch.float32)
+        aux_sum, z_sum = router_sums if router_sums is not None else (zero, zero)
+        for layer in self.layers[layers]:
             if self.gradient_checkpointing and self.training:
                 # Non-reentrant: the router losses returned from inside keep their graph and train the gate.
                 x, aux, z = checkpoint(layer, x, cos, sin, mask, past_key_values, use_reentrant=False)
             else:
                 x, aux, z = layer(x, cos, sin, mask, past_key_values)
             if layer.is_moe:
-                aux_losses.append(aux)
-                z_losses.append(z)
-        zero = x.new_zeros((), dtype=torch.float32)
-        aux_loss = torch.stack(aux_losses).mean() if aux_losses else zero
-        z_loss = torch.stack(z_losses).mean() if z_losses else zero
-        return OpenMoeModelOutput(self.norm(x), past_key_values if use_cache else None, aux_loss, z_loss)
+                aux_sum, z_sum = aux_sum + aux, z_sum + z
+        num_moe = max(len(self.config.moe_layer_indices), 1)
+        return OpenMoeModelOutput(self.norm(x) if final_norm else x, past_key_values if use_cache else None,
+                                  aux_sum / num_moe, z_sum / num_moe, aux_sum, z_sum)
 
 
 @dataclass
 class OpenMoeModelOutput:
     last_hidden_state: torch.Tensor
     past_key_values: object
-    aux_loss: torch.Tensor
+    aux_loss: torch.Tensor  # router losses: means over all the model's MoE layers (complete after the last layer)
     z_loss: torch.Tensor
+    router_aux_sum: torch.Tensor  # the sums over the layers run so far, for the next pipeline stage
+    router_z_sum: torch.Tensor
 
 
 # transformers 5.24 renamed the KV-cache field that generate() reads from model outputs (and passes back in) from
@@ -258,6 +263,11 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
         """
         past_key_values = past_key_values if past_key_values is not None else cache
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
+        return self.lm_output(out, labels, num_items_in_batch, logits_to_keep, return_logits)
+
+    def lm_output(self, out: OpenMoeModelOutput, labels=None, num_items_in_batch=None, logits_to_keep=0,
+                  return_logits=None) -> OpenMoeCausalLMOutput:
+        """The head over the decoder's output: the loss with labels, the logits without (or with return_logits)."""
         hidden = out.last_hidden_state
         cfg = self.config
         loss = lm_loss = logits = None
@@ -265,7 +275,7 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
             lm_loss = chunked_lm_loss(hidden, self.lm_head.weight, labels, label_smoothing=cfg.label_smoothing,
                                       z_loss_factor=cfg.z_loss_factor, chunk_tokens=cfg.loss_chunk_tokens,
                                       num_items=num_items_in_batch)
-            loss = lm_loss + cfg.router_aux_loss_factor * out.aux_loss + cfg.router_z_loss_factor * out.z_loss
+            loss = lm_loss + router_loss(cfg, out.aux_loss, out.z_loss)
         if labels is None or return_logits:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep]).float()

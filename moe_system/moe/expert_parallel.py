@@ -1,7 +1,8 @@
 """Expert-parallel OpenMoE sparse MLP: each rank of an EP group holds num_experts / ep consecutive experts.
 
-Only `run_experts` changes (layer.py): routing, capacity, drops and the weighted combine are the single-device
-code, so an EP layer computes the same function as OpenMoeSparseMLP.
+`shard_experts` keeps this rank's experts of an OpenMoeSparseMLP and gives it an AllToAllDispatch; only the
+dispatch changes (layer.py): routing, capacity, drops and the weighted combine are the single-device code, so an
+EP layer computes the same function as a single-device one.
 
 * dropless: exchange per-expert row counts (all-to-all), send the expert-sorted rows with an uneven
   all-to-all, regroup the received rows expert-major, run the local experts as one grouped GEMM, undo the
@@ -29,68 +30,71 @@ import torch.distributed as dist
 from colossalai.tensor.moe_tensor.api import set_moe_tensor_ep_group
 
 from .all_to_all import AsyncAllToAll, exchange_counts, launch, scale_grad, wait
-from .experts import expert_ffn
+from .experts import GroupedExperts, expert_ffn
 from .layer import OpenMoeSparseMLP
 from .permute import DispatchPlan, inverse_permutation
 
 
-class ExpertParallelSparseMLP(OpenMoeSparseMLP):
-    ep_group = None
-    ep_size = 1
-    ep_rank = 0
-    overlap_chunks = 1
+def shard_experts(layer: OpenMoeSparseMLP, ep_group, overlap_chunks: int = 1) -> OpenMoeSparseMLP:
+    """Turn a single-device layer into this rank's EP layer in place and return it: its experts cut down to this
+    rank's (unless it already holds only those) and tagged with ep_group, its rows exchanged over ep_group. The
+    parameters keep their identity, so an optimizer built before boosting still owns them. overlap_chunks > 1
+    overlaps the exchange with the experts in that many chunks (--comm_overlap)."""
+    dispatcher = AllToAllDispatch(ep_group, overlap_chunks)
+    if not isinstance(layer, OpenMoeSparseMLP):
+        raise TypeError(f"expected an OpenMoeSparseMLP, got {type(layer).__name__}")
+    if layer.num_experts % dispatcher.ep_size:
+        raise ValueError(f"{layer.num_experts} experts cannot be split over an EP group of {dispatcher.ep_size}")
+    num_local = layer.num_experts // dispatcher.ep_size
+    first = (dist.get_rank(ep_group) if ep_group is not None else 0) * num_local
+    for param in (layer.experts.wi_gate, layer.experts.wi_up, layer.experts.wo):
+        if param.shape[0] == layer.num_experts:
+            param.data = param.data[first:first + num_local].clone()
+        # Marks the tensor as an expert: ZeRO then shards and reduces it over the expert-DP group, and the
+        # checkpoint IO gathers it over the EP group.
+        set_moe_tensor_ep_group(param, ep_group)
+    layer.experts.num_experts = num_local
+    layer.dispatcher = dispatcher
+    return layer
+
+
+class AllToAllDispatch:
+    """The layer's rows to the EP ranks holding their experts and back (the ways are described above)."""
+
+    def __init__(self, ep_group, overlap_chunks: int = 1):
+        if overlap_chunks < 1:
+            raise ValueError(f"overlap_chunks must be at least 1, got {overlap_chunks}")
+        self.ep_group = ep_group
+        self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
+        self.overlap_chunks = overlap_chunks
 
     @classmethod
     def from_native_module(cls, module: OpenMoeSparseMLP, process_group=None, ep_group=None, overlap_chunks: int = 1,
-                           **kwargs):
-        """Shardformer hook: turn a single-device layer into this rank's EP layer in place (the parameters keep
-        their identity, so an optimizer built before boosting still owns them). overlap_chunks > 1 overlaps the
-        exchange with the experts in that many chunks (--comm_overlap)."""
-        if overlap_chunks < 1:
-            raise ValueError(f"overlap_chunks must be at least 1, got {overlap_chunks}")
-        if not isinstance(module, OpenMoeSparseMLP):
-            raise TypeError(f"expected an OpenMoeSparseMLP, got {type(module).__name__}")
-        module.__class__ = cls
-        module.setup_expert_parallel(ep_group)
-        module.overlap_chunks = overlap_chunks
-        return module
+                           **kwargs) -> OpenMoeSparseMLP:
+        """Shardformer's replacement hook (parallel/policy.py): shard_experts, the same module back."""
+        return shard_experts(module, ep_group, overlap_chunks)
 
-    def setup_expert_parallel(self, ep_group) -> None:
-        ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
-        if self.num_experts % ep_size:
-            raise ValueError(f"{self.num_experts} experts cannot be split over an EP group of {ep_size}")
-        self.ep_group, self.ep_size = ep_group, ep_size
-        self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
-        self.num_local_experts = self.num_experts // ep_size
-        first = self.ep_rank * self.num_local_experts
-        for param in (self.experts.wi_gate, self.experts.wi_up, self.experts.wo):
-            if param.shape[0] == self.num_experts:
-                param.data = param.data[first:first + self.num_local_experts].clone()
-            # Marks the tensor as an expert: ZeRO then shards and reduces it over the expert-DP group, and the
-            # checkpoint IO gathers it over the EP group.
-            set_moe_tensor_ep_group(param, ep_group)
-        self.experts.num_experts = self.num_local_experts
+    def __call__(self, experts: GroupedExperts, rows: torch.Tensor, plan: DispatchPlan, cap: int | None):
+        """rows: the layer's expert-sorted copies (plan: of all num_experts experts); experts: this rank's."""
+        if self.ep_size == 1:
+            return self._local_experts(experts, rows, plan.counts)
+        if cap is None:
+            return self._dropless_exchange(experts, rows, plan)
+        return self._capacity_exchange(experts, rows, plan, cap)
 
-    def _local_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _local_experts(self, experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         scale = 1.0 / self.ep_size
-        weights = [scale_grad(w, scale) for w in (self.experts.wi_gate, self.experts.wi_up, self.experts.wo)]
+        weights = [scale_grad(w, scale) for w in (experts.wi_gate, experts.wi_up, experts.wo)]
         if x.shape[0] > 0:
-            return expert_ffn(x, counts, *weights, impl=self.experts.impl)
+            return expert_ffn(x, counts, *weights, impl=experts.impl)
         # No row of this exchange (or of this chunk of it) reached a local expert: still give every expert weight
         # a (zero) gradient, so each rank reduces the same set of gradients in the same order (ZeRO-2 otherwise
         # waits forever).
         out = expert_ffn(x, counts, *weights, impl="loop")
         return out + sum(w.sum() for w in weights) * 0.0
 
-    def run_experts(self, rows: torch.Tensor, plan: DispatchPlan, cap: int | None) -> torch.Tensor:
-        if self.ep_size == 1:
-            return self._local_experts(rows, plan.counts)
-        if cap is None:
-            return self._dropless_exchange(rows, plan)
-        return self._capacity_exchange(rows, plan, cap)
-
-    def _dropless_exchange(self, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        ep, local, n = self.ep_size, self.num_local_experts, self.overlap_chunks
+    def _dropless_exchange(self, experts: GroupedExperts, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        ep, local, n = self.ep_size, experts.num_experts, self.overlap_chunks
         send = chunk_counts(plan.counts, n).view(n, ep, local)                      # [chunk, destination, expert]
         # One small synchronous exchange gives every chunk's [source, local expert] counts.
         received = exchange_counts(send.transpose(0, 1).reshape(-1), self.ep_group)
@@ -101,12 +105,14 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
         order = None if n == 1 else torch.argsort(plan.rank * n // plan.counts[plan.expert_of_row], stable=True)
         chunks = [rows] if order is None else rows[order].split([sum(s) for s in send_splits])
         returned = self._overlapped_exchange(chunks, send_splits, recv_splits,
-                                             lambda j, x: self._grouped_by_source(x, recv[j]))
+                                             lambda j, x: self._grouped_by_source(experts, x, recv[j]))
         return returned[0] if order is None else torch.cat(returned)[inverse_permutation(order)]
 
-    def _capacity_exchange(self, rows: torch.Tensor, plan: DispatchPlan, cap: int) -> torch.Tensor:
-        ep, local, hidden = self.ep_size, self.num_local_experts, rows.shape[-1]
-        num_rows, num_slots = rows.shape[0], self.num_experts * cap
+    def _capacity_exchange(self, experts: GroupedExperts, rows: torch.Tensor, plan: DispatchPlan,
+                           cap: int) -> torch.Tensor:
+        ep, local, hidden = self.ep_size, experts.num_experts, rows.shape[-1]
+        num_experts = ep * local
+        num_rows, num_slots = rows.shape[0], num_experts * cap
         kept = plan.rank < cap
         slot = plan.expert_of_row * cap + plan.rank
         # Source row of each slot; empty slots read an appended zero row (a gather keeps the backward a plain
@@ -114,7 +120,7 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
         slot_source = torch.full((num_slots + 1,), num_rows, dtype=torch.long, device=rows.device)
         slot_source[torch.where(kept, slot, num_slots)] = torch.arange(num_rows, device=rows.device)
         padded_rows = torch.cat([rows, rows.new_zeros(1, hidden)])
-        buffer = padded_rows[slot_source[:num_slots]].view(self.num_experts, cap, hidden)
+        buffer = padded_rows[slot_source[:num_slots]].view(num_experts, cap, hidden)
 
         # Chunk j: slots [lo_j, hi_j) of every expert. Sizes are known everywhere: no count exchange, no host sync,
         # equal splits. More chunks than slots would only add empty exchanges.
@@ -123,29 +129,30 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
         chunks = [buffer[:, lo:hi].reshape(-1, hidden) for lo, hi in zip(bounds, bounds[1:])]
         equal = [None] * n
 
-        def experts(j, received):                                                  # [source, local, size, H]
+        def through_experts(j, received):                                          # [source, local, size, H]
             size = bounds[j + 1] - bounds[j]
             expert_major = received.view(ep, local, size, hidden).transpose(0, 1).reshape(-1, hidden)
             counts = torch.full((local,), ep * size, dtype=torch.long, device=rows.device)
-            out = self._local_experts(expert_major, counts)
+            out = self._local_experts(experts, expert_major, counts)
             return out.view(local, ep, size, hidden).transpose(0, 1).reshape(-1, hidden)
 
-        returned = self._overlapped_exchange(chunks, equal, equal, experts)
+        returned = self._overlapped_exchange(chunks, equal, equal, through_experts)
         if n > 1:  # chunk j holds slots [lo_j, hi_j) of every expert: put them side by side again
-            returned = [torch.cat([r.view(self.num_experts, -1, hidden) for r in returned], dim=1).view(-1, hidden)]
+            returned = [torch.cat([r.view(num_experts, -1, hidden) for r in returned], dim=1).view(-1, hidden)]
         returned = returned[0]                                                       # [E * cap, H]
         # Dropped copies read the zero row: their combine weight is 0 either way.
         padded_out = torch.cat([returned, returned.new_zeros(1, hidden)])
         return padded_out[torch.where(kept, slot, num_slots)]
 
-    def _grouped_by_source(self, received: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _grouped_by_source(self, experts: GroupedExperts, received: torch.Tensor,
+                           counts: torch.Tensor) -> torch.Tensor:
         """Rows received grouped [source rank, local expert] (counts [ep, local]) through their experts, same layout.
         The grouped GEMM wants them expert-major: a stable sort by (expert, source), undone afterwards."""
         ep, local = counts.shape
         block = torch.repeat_interleave(torch.arange(ep * local, device=received.device), counts.reshape(-1),
                                         output_size=received.shape[0])
         order = torch.argsort((block % local) * ep + block // local, stable=True)
-        out = self._local_experts(received[order], counts.sum(0))
+        out = self._local_experts(experts, received[order], counts.sum(0))
         return out[inverse_permutation(order)]
 
     def _overlapped_exchange(self, chunks, send_splits, recv_splits, experts) -> list[torch.Tensor]:

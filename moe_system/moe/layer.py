@@ -1,7 +1,8 @@
 """OpenMoE's sparse MLP: route, sort copies by expert, run the experts, combine (docs/moe.md).
 
-Expert parallelism replaces only `run_experts` (the exchange of sorted rows between ranks); routing,
-capacity, and combine stay here, so single-device and parallel layers compute the same function.
+How the sorted rows reach their experts is the layer's `dispatcher`: LocalDispatch here, every expert on this
+device; expert parallelism sets an AllToAllDispatch (expert_parallel.py: the exchange of sorted rows between
+ranks). Routing, capacity and combine stay here, so single-device and parallel layers compute the same function.
 """
 
 import math
@@ -12,6 +13,15 @@ import torch.nn as nn
 from .experts import GroupedExperts
 from .permute import DispatchPlan
 from .router import capacity, route
+
+
+class LocalDispatch:
+    """Every expert on this device: the expert-sorted rows go straight through them."""
+
+    def __call__(self, experts: GroupedExperts, rows: torch.Tensor, plan: DispatchPlan, cap: int | None):
+        # Dropped copies are computed too (no host sync to size a smaller buffer) and are then given zero weight
+        # in the combine, which is exactly the reference's "contributes 0".
+        return experts(rows, plan.counts)
 
 
 class OpenMoeSparseMLP(nn.Module):
@@ -29,6 +39,7 @@ class OpenMoeSparseMLP(nn.Module):
         self.router_fp32 = config.router_fp32
         self.gate_weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.intermediate_size)
+        self.dispatcher = LocalDispatch()
         # Detached statistics, in canonical expert order, for logging and load balancing; never read on the hot
         # path. The last forward's counts, and running totals over training forwards, which load meters read as
         # differences (load.py), so several readers with different windows never reset each other.
@@ -60,9 +71,7 @@ class OpenMoeSparseMLP(nn.Module):
         return capacity(num_tokens, self.num_experts, self.top_k, factor, self.min_capacity)
 
     def run_experts(self, rows: torch.Tensor, plan: DispatchPlan, cap: int | None) -> torch.Tensor:
-        # Single device: dropped copies are computed too (no host sync to size a smaller buffer) and are then
-        # given zero weight in the combine, which is exactly the reference's "contributes 0".
-        return self.experts(rows, plan.counts)
+        return self.dispatcher(self.experts, rows, plan, cap)
 
     def forward(self, hidden_states: torch.Tensor):
         shape = hidden_states.shape

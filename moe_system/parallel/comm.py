@@ -15,6 +15,11 @@ def comm_device() -> torch.device:
     return get_accelerator().get_current_device()
 
 
+def group_size(group) -> int:
+    """Processes in group; None stands for a single process."""
+    return dist.get_world_size(group) if group is not None else 1
+
+
 def all_reduce_values(values, group, op=dist.ReduceOp.SUM, dtype=torch.float64) -> torch.Tensor:
     """values (a tensor on any device, or numbers) reduced with op over group, as a new tensor of dtype on the
     communication device (the caller's own tensor is left as it is). group None: a single process, nothing to

@@ -1,24 +1,23 @@
 """Colossal-AI shardformer policy for OpenMoE: EP-aware MoE layers and pipeline stages.
 
-* Every MoE layer (`model.layers.{i}.mlp` for i in config.moe_layer_indices) is turned into this rank's
-  ExpertParallelSparseMLP (shardformer calls its `from_native_module` with the EP group, and with the number of
-  chunks its all-to-alls are overlapped in: --comm_overlap).
+* Every MoE layer (`model.layers.{i}.mlp` for i in config.moe_layer_indices) keeps this rank's experts and
+  exchanges its rows over the EP group (moe/expert_parallel.py: shardformer calls
+  `AllToAllDispatch.from_native_module` with the EP group, and with the number of chunks its all-to-alls are
+  overlapped in: --comm_overlap).
 * With a pipeline, each stage holds a contiguous run of decoder layers (the embedding on the first stage,
-  the final norm and LM head on the last, the rotary table everywhere) and runs `pipeline_stage_forward`.
-  Router losses are summed over the stage's MoE layers and travel with the hidden states to the next stage,
-  so the last stage computes the same loss as the single-device model and the gates of every stage train.
+  the final norm and LM head on the last, the rotary table everywhere) and runs `pipeline_stage_forward`: the
+  model's own forward over its layers. Router losses are summed over the stage's MoE layers and travel with the
+  hidden states to the next stage, so the last stage computes the same loss as the single-device model and the
+  gates of every stage train.
 """
 
 from functools import partial
 
-import torch
 from colossalai.shardformer.policies.base_policy import ModulePolicyDescription, Policy, \
     SubModuleReplacementDescription
-from torch.utils.checkpoint import checkpoint
 
-from ..model.loss import chunked_lm_loss
-from ..model.modeling import OpenMoeCausalLMOutput, OpenMoeForCausalLM
-from ..moe.expert_parallel import ExpertParallelSparseMLP
+from ..model.modeling import OpenMoeForCausalLM
+from ..moe.expert_parallel import AllToAllDispatch
 
 # Keys of the tensors passed between pipeline stages. The router sums stay fp32: the plugin's module does not
 # cast them to the training precision (plugin.OpenMoeParallelModule).
@@ -34,42 +33,20 @@ def stage_layer_range(stage_manager, num_layers: int) -> tuple[int, int]:
 def pipeline_stage_forward(self: OpenMoeForCausalLM, input_ids=None, labels=None, hidden_states=None,
                            router_aux_sum=None, router_z_sum=None, num_items_in_batch=None, attention_mask=None,
                            stage_manager=None, stage_index=None, **kwargs):
-    """One pipeline stage of OpenMoeForCausalLM.forward for training (causal, right padding, no cache).
+    """One pipeline stage of OpenMoeForCausalLM.forward for training (causal, right padding, no cache): the model's
+    own decoder over this stage's layers, from the previous stage's hidden states and router-loss sums.
 
     Non-last stages return the tensors for the next stage; the last returns the model's usual output.
     """
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("pipeline stages train on right-padded rows with a causal mask; drop attention_mask")
-    inner, cfg = self.model, self.config
-    if stage_manager.is_first_stage():
-        x = inner.embed_tokens(input_ids)
-        router_aux_sum = x.new_zeros((), dtype=torch.float32)
-        router_z_sum = x.new_zeros((), dtype=torch.float32)
-    else:
-        x = hidden_states
-    bsz, seq = x.shape[:2]
-    position_ids = torch.arange(seq, device=x.device).expand(bsz, -1)
-    cos, sin = inner.rotary_emb(position_ids)
-    start, end = stage_index
-    for layer in inner.layers[start:end]:
-        if inner.gradient_checkpointing and self.training:
-            x, aux, z = checkpoint(layer, x, cos, sin, None, None, use_reentrant=False)
-        else:
-            x, aux, z = layer(x, cos, sin, None, None)
-        if layer.is_moe:
-            router_aux_sum = router_aux_sum + aux
-            router_z_sum = router_z_sum + z
-    if not stage_manager.is_last_stage():
-        return {STAGE_HIDDEN: x, "router_aux_sum": router_aux_sum, "router_z_sum": router_z_sum}
-
-    num_moe = max(len(cfg.moe_layer_indices), 1)
-    aux_loss, z_loss = router_aux_sum / num_moe, router_z_sum / num_moe
-    hidden = inner.norm(x)
-    lm_loss = chunked_lm_loss(hidden, self.lm_head.weight, labels, label_smoothing=cfg.label_smoothing,
-                              z_loss_factor=cfg.z_loss_factor, chunk_tokens=cfg.loss_chunk_tokens,
-                              num_items=num_items_in_batch)
-    loss = lm_loss + cfg.router_aux_loss_factor * aux_loss + cfg.router_z_loss_factor * z_loss
-    return OpenMoeCausalLMOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, router_z_loss=z_loss)
+    first, last = stage_manager.is_first_stage(), stage_manager.is_last_stage()
+    out = self.model(input_ids, inputs_embeds=None if first else hidden_states, layers=slice(*stage_index),
+                     router_sums=None if first else (router_aux_sum, router_z_sum), final_norm=last)
+    if not last:
+        return {STAGE_HIDDEN: out.last_hidden_state, "router_aux_sum": out.router_aux_sum,
+                "router_z_sum": out.router_z_sum}
+    return self.lm_output(out, labels, num_items_in_batch)
 
 
 class OpenMoePolicy(Policy):
@@ -92,7 +69,7 @@ class OpenMoePolicy(Policy):
         if ep_group is not None:
             kwargs = {"ep_group": ep_group, "overlap_chunks": self.overlap_chunks}
             replacements = [SubModuleReplacementDescription(suffix=f"layers.{i}.mlp",
-                                                            target_module=ExpertParallelSparseMLP,
+                                                            target_module=AllToAllDispatch,
                                                             kwargs=kwargs, ignore_if_not_exist=True)
                             for i in cfg.moe_layer_indices]
             policy[type(self.model.model)] = ModulePolicyDescription(sub_module_replacement=replacements)

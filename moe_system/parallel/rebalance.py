@@ -22,7 +22,8 @@ flat ZeRO shards instead of experts (docs/moe.md, Expert load rebalancing).
 import torch
 import torch.distributed as dist
 
-from ..moe.expert_parallel import ExpertParallelSparseMLP
+from ..moe.expert_parallel import AllToAllDispatch
+from ..moe.layer import OpenMoeSparseMLP
 from ..moe.load import ExpertLoadMeter, global_counts, load_stats
 from ..moe.expert_placement import balanced_placement, imbalance, moved_experts, rank_loads
 
@@ -33,11 +34,12 @@ def current_placement(layer) -> list[int]:
     return list(range(layer.num_experts)) if layer.expert_slot is None else layer.expert_slot.tolist()
 
 
-def expert_parallel_layers(model) -> list[tuple[int, ExpertParallelSparseMLP]]:
+def expert_parallel_layers(model) -> list[tuple[int, OpenMoeSparseMLP]]:
     """(index among the model's MoE layers, layer) of every layer of this pipeline stage whose experts are spread
     over ranks (a pipeline stage releases the weights of the layers it does not hold)."""
     return [(i, layer) for i, layer in enumerate(model.moe_layers())
-            if isinstance(layer, ExpertParallelSparseMLP) and layer.ep_size > 1 and layer.experts.wo is not None]
+            if isinstance(layer.dispatcher, AllToAllDispatch) and layer.dispatcher.ep_size > 1
+            and layer.experts.wo is not None]
 
 
 def move_experts(local: torch.Tensor, old: list[int], new: list[int], group) -> torch.Tensor:
@@ -125,7 +127,7 @@ def expert_tensors(optimizer, param) -> list[_ExpertTensor]:
 
 
 @torch.no_grad()
-def apply_placement(layer: ExpertParallelSparseMLP, new: list[int], optimizer=None) -> None:
+def apply_placement(layer: OpenMoeSparseMLP, new: list[int], optimizer=None) -> None:
     """Move layer's experts (and, given the boosted optimizer, their masters and optimizer states) to `new`."""
     old = current_placement(layer)
     if new == old:
@@ -134,7 +136,7 @@ def apply_placement(layer: ExpertParallelSparseMLP, new: list[int], optimizer=No
         raise ValueError(f"placement {new} is not a permutation of {layer.num_experts} slots")
     for name in EXPERT_WEIGHTS:
         for tensor in expert_tensors(optimizer, getattr(layer.experts, name)):
-            tensor.write(move_experts(tensor.gather(), old, new, layer.ep_group))
+            tensor.write(move_experts(tensor.gather(), old, new, layer.dispatcher.ep_group))
     layer.expert_slot = torch.tensor(new, dtype=torch.long, device=layer.gate_weight.device)
 
 
@@ -160,15 +162,15 @@ class ExpertRebalancer:
             if not self.held(layer) or (placements is None and load.sum() == 0):
                 continue
             old = current_placement(layer)
-            new = placements[index] if placements is not None else balanced_placement(load.tolist(), old, layer.ep_size)
+            new = placements[index] if placements is not None else balanced_placement(load.tolist(), old, layer.dispatcher.ep_size)
             prefix = f"rebalance/layer{index}"
             metrics.update(load_stats(prefix, load, lost))
             for when, placement in (("before", old), ("after", new)):
-                metrics[f"{prefix}/rank_imbalance_{when}"] = imbalance(load.tolist(), placement, layer.ep_size)
+                metrics[f"{prefix}/rank_imbalance_{when}"] = imbalance(load.tolist(), placement, layer.dispatcher.ep_size)
                 total = max(float(load.sum()), 1.0)
-                for rank, share in enumerate(rank_loads(load.tolist(), placement, layer.ep_size)):
+                for rank, share in enumerate(rank_loads(load.tolist(), placement, layer.dispatcher.ep_size)):
                     metrics[f"{prefix}/rank{rank}_{when}"] = share / total
-            metrics[f"{prefix}/moved_experts"] = moved_experts(old, new, layer.num_local_experts)
+            metrics[f"{prefix}/moved_experts"] = moved_experts(old, new, layer.experts.num_experts)
             apply_placement(layer, new, self.optimizer)
         self.meter.reset()
         if self.pp_group is not None and dist.get_world_size(self.pp_group) > 1:  # every stage's layers, for the log

@@ -10,6 +10,8 @@ and ranks gives their global mean.
 import torch
 import torch.distributed as dist
 
+from ..model.loss import router_loss
+
 
 def global_target_count(micro_batches: list[dict], group, device) -> torch.Tensor:
     count = sum((mb["labels"][:, 1:] != -100).sum() for mb in micro_batches).to(device, torch.float32)
@@ -27,7 +29,7 @@ def forward_backward(booster, model, optimizer, micro_batches: list[dict], dp_gr
     for mb in micro_batches:
         # Right-padded rows need no padding mask: under a causal mask no real token ever looks at a later pad.
         out = model(input_ids=mb["input_ids"].to(device), labels=mb["labels"].to(device), num_items_in_batch=num_items)
-        router = (cfg.router_aux_loss_factor * out.aux_loss + cfg.router_z_loss_factor * out.router_z_loss)
+        router = router_loss(cfg, out.aux_loss, out.router_z_loss)
         booster.backward(out.lm_loss * dp_size + router / len(micro_batches), optimizer)
         parts += torch.stack([out.lm_loss.detach() * dp_size, out.aux_loss.detach() / len(micro_batches),
                               out.router_z_loss.detach() / len(micro_batches)])
@@ -54,7 +56,7 @@ def pipeline_forward_backward(booster, model, optimizer, micro_batches: list[dic
 
     def criterion(out, _micro_batch):
         seen.append(torch.stack([out.lm_loss.detach(), out.aux_loss.detach(), out.router_z_loss.detach()]).float())
-        router = cfg.router_aux_loss_factor * out.aux_loss + cfg.router_z_loss_factor * out.router_z_loss
+        router = router_loss(cfg, out.aux_loss, out.router_z_loss)
         return out.lm_loss * (dp_size * num_pipeline_mb) + router
 
     batch["num_items_in_batch"] = float(num_items)  # not a tensor: passed whole to every micro-batch

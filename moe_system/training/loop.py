@@ -24,7 +24,9 @@ from ..model import OpenMoeConfig, OpenMoeForCausalLM
 from ..model.convert import checkpoint_config, load_any_checkpoint
 from ..moe.balancing import update_expert_bias
 from ..moe.load import ExpertLoadMeter
-from ..parallel.plugin import build_plugin, init_distributed
+from ..parallel.config import ParallelConfig
+from ..parallel.launch import init_distributed
+from ..parallel.plugin import build_plugin
 from ..parallel.rebalance import ExpertRebalancer, format_rebalance
 from . import interrupt
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
@@ -93,7 +95,7 @@ def train(args) -> dict:
 
 def run_training(args, earlier_run: list[str]) -> dict:
     config = build_model_config(args)
-    plugin, layout = build_plugin(args, config)
+    plugin, layout = build_plugin(ParallelConfig.from_args(args), config)
     booster = Booster(plugin=plugin)
     is_main = dist.get_rank() == 0
     device = get_accelerator().get_current_device()

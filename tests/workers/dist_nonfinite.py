@@ -20,7 +20,7 @@ sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
 from dist_common import make_batch, make_config, routing_groups  # noqa: E402
 from dist_parity import boosted  # noqa: E402
 
-from moe_system.parallel.plugin import init_distributed  # noqa: E402
+from moe_system.parallel.launch import init_distributed  # noqa: E402
 from moe_system.training.forward_backward import forward_backward, pipeline_forward_backward  # noqa: E402
 
 

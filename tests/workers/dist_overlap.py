@@ -21,7 +21,7 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
 from dist_common import make_batch, make_config, make_model, routing_groups  # noqa: E402
 
-from moe_system.moe.expert_parallel import ExpertParallelSparseMLP  # noqa: E402
+from moe_system.moe.expert_parallel import shard_experts  # noqa: E402
 
 VARIANTS = [(1, True), (2, False), (3, False), (4, False), (4, True), (7, False)]  # (chunks, checkpointing)
 
@@ -29,7 +29,7 @@ VARIANTS = [(1, True), (2, False), (3, False), (4, False), (4, True), (7, False)
 def run(model, shard, num_items, chunks: int, checkpointing: bool, train: bool = True):
     layers = model.moe_layers()
     for layer in layers:
-        layer.overlap_chunks = chunks
+        layer.dispatcher.overlap_chunks = chunks
     model.model.gradient_checkpointing = checkpointing
     model.train(train)
     outputs = []  # checkpointing runs each layer twice: the first len(layers) are the forward's
@@ -87,7 +87,7 @@ def main():
         model = make_model(make_config(dispatch), starve=starve)
         for layer in model.model.layers:
             if layer.is_moe:
-                ExpertParallelSparseMLP.from_native_module(layer.mlp, ep_group=dist.group.WORLD)
+                shard_experts(layer.mlp, ep_group=dist.group.WORLD)
         base = run(model, shard, num_items, 1, False)
         for chunks, checkpointing in VARIANTS:
             diffs = compare(base, run(model, shard, num_items, chunks, checkpointing))

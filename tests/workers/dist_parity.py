@@ -10,7 +10,6 @@ Several cases share one process group (launching costs more than a case on 2 CPU
 import json
 import os
 import sys
-from argparse import Namespace
 
 import torch
 import torch.distributed as dist
@@ -22,8 +21,11 @@ from dist_common import STEPS, make_batch, make_config, make_model, make_optimiz
 
 from colossalai.booster import Booster  # noqa: E402
 
+from moe_system.moe.expert_parallel import AllToAllDispatch  # noqa: E402
 from moe_system.parallel.checkpoint_io import canonical_state_dict  # noqa: E402
-from moe_system.parallel.plugin import build_plugin, init_distributed  # noqa: E402
+from moe_system.parallel.config import ParallelConfig  # noqa: E402
+from moe_system.parallel.launch import init_distributed  # noqa: E402
+from moe_system.parallel.plugin import build_plugin  # noqa: E402
 from moe_system.training.forward_backward import forward_backward, pipeline_forward_backward  # noqa: E402
 
 
@@ -37,12 +39,12 @@ def check_groups(plugin, layout) -> None:
 
 
 def boosted(case: dict, config):
-    args = Namespace(plugin=case["plugin"], zero_stage=case["zero"], precision=case["precision"],
-                     extra_dp_size=case.get("extra_dp_size", 1), pp_size=case.get("pp", 1),
-                     dp_size=case.get("moe_dp", 1), ep_size=case.get("ep", 1), microbatch_size=case.get("microbatch"),
-                     max_grad_norm=case.get("max_norm", 1e9), seed=1, batch_size=None,
-                     comm_overlap=bool(case.get("overlap")), comm_overlap_chunks=case.get("overlap") or 4)
-    plugin, layout = build_plugin(args, config)
+    parallel = ParallelConfig(plugin=case["plugin"], zero_stage=case["zero"], precision=case["precision"],
+                              extra_dp_size=case.get("extra_dp_size", 1), pp_size=case.get("pp", 1),
+                              dp_size=case.get("moe_dp", 1), ep_size=case.get("ep", 1),
+                              microbatch_size=case.get("microbatch"), max_grad_norm=case.get("max_norm", 1e9),
+                              comm_overlap_chunks=case.get("overlap") or 1)
+    plugin, layout = build_plugin(parallel, config)
     booster = Booster(plugin=plugin)
     model = make_model(config, case.get("starve", False))
     optimizer = make_optimizer(model.parameters(), case.get("optimizer", "adamw"))
@@ -103,8 +105,8 @@ def run_case(case: dict, out_dir: str) -> None:
         booster.save_model(model, case["save"] + ".safetensors", shard=False, use_safetensors=True)
     if dist.get_rank() == 0:
         merged = {k: v.float() for s in stages for k, v in s.items()}
-        chunks = sorted({layer.overlap_chunks for layer in model.unwrap().moe_layers()
-                         if hasattr(layer, "overlap_chunks")})
+        chunks = sorted({layer.dispatcher.overlap_chunks for layer in model.unwrap().moe_layers()
+                         if isinstance(layer.dispatcher, AllToAllDispatch)})
         torch.save({"losses": losses, "norms": norms, "state": merged, "layout": layout.describe(),
                     "overlap_chunks": chunks},
                    os.path.join(out_dir, f"{case['name']}.pt"))

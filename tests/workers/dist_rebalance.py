@@ -15,7 +15,6 @@ Rank 0 writes per-step losses, canonical parameters, and what happened to the pl
 import json
 import os
 import sys
-from argparse import Namespace
 
 import torch
 import torch.distributed as dist
@@ -29,7 +28,9 @@ from dist_parity import train_step  # noqa: E402
 from colossalai.booster import Booster  # noqa: E402
 
 from moe_system.parallel.checkpoint_io import canonical_state_dict  # noqa: E402
-from moe_system.parallel.plugin import build_plugin, init_distributed  # noqa: E402
+from moe_system.parallel.config import ParallelConfig  # noqa: E402
+from moe_system.parallel.launch import init_distributed  # noqa: E402
+from moe_system.parallel.plugin import build_plugin  # noqa: E402
 from moe_system.parallel import rebalance  # noqa: E402
 from moe_system.parallel.rebalance import ExpertRebalancer, current_placement  # noqa: E402
 
@@ -46,11 +47,10 @@ def forced_placement(num_experts: int, ep: int, step: int) -> list[int]:
 
 
 def boosted(case: dict, config):
-    args = Namespace(plugin=case["plugin"], zero_stage=case["zero"], precision=case["precision"],
-                     extra_dp_size=case.get("extra_dp_size", 1), pp_size=case.get("pp", 1), dp_size=1,
-                     ep_size=case.get("ep", 1), microbatch_size=case.get("microbatch"), max_grad_norm=0.0, seed=1,
-                     batch_size=None)
-    plugin, layout = build_plugin(args, config)
+    parallel = ParallelConfig(plugin=case["plugin"], zero_stage=case["zero"], precision=case["precision"],
+                              extra_dp_size=case.get("extra_dp_size", 1), pp_size=case.get("pp", 1),
+                              ep_size=case.get("ep", 1), microbatch_size=case.get("microbatch"))
+    plugin, layout = build_plugin(parallel, config)
     booster = Booster(plugin=plugin)
     model = make_model(config)
     optimizer = make_optimizer(model.parameters(), "adamw")
