@@ -30,6 +30,7 @@ from colossalai.tensor.moe_tensor.api import set_moe_tensor_ep_group
 
 from .all_to_all import AsyncAllToAll, exchange_counts, launch, scale_grad, wait
 from .experts import expert_ffn
+from .hierarchical_all_to_all import hierarchical_exchanges
 from .layer import OpenMoeSparseMLP
 from .permute import DispatchPlan, inverse_permutation
 
@@ -39,13 +40,15 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
     ep_size = 1
     ep_rank = 0
     overlap_chunks = 1
+    node_groups = None  # NodeGroups: exchange in two levels, intra- then inter-node (--hierarchical_alltoall)
 
     @classmethod
     def from_native_module(cls, module: OpenMoeSparseMLP, process_group=None, ep_group=None, overlap_chunks: int = 1,
-                           **kwargs):
+                           node_groups=None, **kwargs):
         """Shardformer hook: turn a single-device layer into this rank's EP layer in place (the parameters keep
         their identity, so an optimizer built before boosting still owns them). overlap_chunks > 1 overlaps the
-        exchange with the experts in that many chunks (--comm_overlap)."""
+        exchange with the experts in that many chunks (--comm_overlap); node_groups (this rank's share of
+        hierarchical_all_to_all.build_node_groups) sends every exchange in two levels."""
         if overlap_chunks < 1:
             raise ValueError(f"overlap_chunks must be at least 1, got {overlap_chunks}")
         if not isinstance(module, OpenMoeSparseMLP):
@@ -53,6 +56,9 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
         module.__class__ = cls
         module.setup_expert_parallel(ep_group)
         module.overlap_chunks = overlap_chunks
+        if node_groups is not None and node_groups.ep_size != module.ep_size:
+            raise ValueError(f"node groups for an EP group of {node_groups.ep_size}, but this one has {module.ep_size}")
+        module.node_groups = node_groups
         return module
 
     def setup_expert_parallel(self, ep_group) -> None:
@@ -165,8 +171,11 @@ class ExpertParallelSparseMLP(OpenMoeSparseMLP):
         its exchanges and a zero-row expert call), so all ranks issue the collectives in the same order.
         """
         group, n = self.ep_group, len(chunks)
-        dispatch = [AsyncAllToAll(group, recv_splits[j], send_splits[j]) for j in range(n)]
-        combine = [AsyncAllToAll(group, send_splits[j], recv_splits[j]) for j in range(n)]
+        if self.node_groups is None:
+            dispatch = [AsyncAllToAll(group, recv_splits[j], send_splits[j]) for j in range(n)]
+        else:
+            dispatch = hierarchical_exchanges(self.node_groups, group, recv_splits, send_splits, chunks[0].device)
+        combine = [exchange.reversed() for exchange in dispatch]
         arriving = launch(chunks[0], dispatch[0])
         leaving, returned = [], []
         for j in range(n):

@@ -27,6 +27,7 @@ it replaces (colossalai 0.5.0, paths under colossalai/):
 
 import math
 import os
+import sys
 from types import MethodType
 
 import colossalai
@@ -50,6 +51,7 @@ from torch.utils._pytree import tree_map
 
 from .accelerator import install_cpu_support
 from .checkpoint_io import OpenMoeCheckpointIO
+from ..moe.hierarchical_all_to_all import build_node_groups, node_shape, ranks_per_node_from_env
 from .layout import Layout, LayoutError, validate_layout
 from .policy import STAGE_ROUTER_KEYS, OpenMoePolicy
 from .ports import free_port
@@ -378,11 +380,26 @@ def build_plugin(args, config=None):
                           f"with an expert-parallel size above 1")
     # --comm_overlap: the EP layers pipeline their all-to-alls with the experts (no-op when ep = 1).
     overlap_chunks = getattr(args, "comm_overlap_chunks", 4) if getattr(args, "comm_overlap", False) else 1
+    node_groups = _hierarchical_groups(layout) if getattr(args, "hierarchical_alltoall", False) else None
     plugin = OpenMoeParallelPlugin(
         tp_size=1, pp_size=layout.pp, ep_size=layout.ep, zero_stage=zero_stage, precision=precision,
         max_norm=args.max_grad_norm or 0.0, microbatch_size=layout.microbatch_size if layout.is_pipeline else None,
-        enable_metadata_cache=True, custom_policy=OpenMoePolicy(overlap_chunks=overlap_chunks))
+        enable_metadata_cache=True, custom_policy=OpenMoePolicy(overlap_chunks=overlap_chunks, node_groups=node_groups))
+    if node_groups is not None and dist.get_process_group_ranks(plugin.ep_group) != layout.ep_group_ranks():
+        raise RuntimeError("the plugin's EP group is not the layout's: the node subgroups would not match it")
     return plugin, layout
+
+
+def _hierarchical_groups(layout: Layout):
+    """--hierarchical_alltoall: the node subgroups of every EP group (created on every rank, in the same order),
+    or None, with a note, where every EP group lies within one node and the flat exchange is the same thing."""
+    per_node = ranks_per_node_from_env(layout.world, layout.rank)
+    ep_groups = [layout.ep_group_ranks(base) for base in range(0, layout.world, layout.ep)]
+    groups = build_node_groups(ep_groups, per_node, layout.rank)
+    if all(node_shape(ranks, per_node)[0] == 1 for ranks in ep_groups) and layout.rank == 0:
+        print(f"note: --hierarchical_alltoall: every expert-parallel group ({layout.ep} process(es)) lies within "
+              f"one node of {per_node}; its all-to-all is the flat one", file=sys.stderr)
+    return groups
 
 
 __all__ = ["Layout", "LayoutError", "OpenMoeParallelPlugin", "build_plugin", "init_distributed", "validate_layout",
