@@ -1,6 +1,8 @@
 """--hierarchical_alltoall: the two-level (intra-node, then inter-node) all-to-all of moe/hierarchical_all_to_all.py.
 
 * the layout checks (pure): which EP groups split evenly over nodes, and LOCAL_WORLD_SIZE;
+* train.py on 4 processes as 2 nodes x 2 (one torchrun per node on localhost): the losses of the flat run;
+  within one node, a note and the same losses;
 * on 4 gloo processes simulated as 2 nodes x 2 and 4 x 1 (tests/workers/dist_hierarchical.py): the primitive
   delivers exactly what the flat all-to-all delivers (rows, rows sent back, gradients; random uneven splits with
   zeros, and equal splits), and the EP layer through it matches the flat one (loss, outputs, every gradient),
@@ -10,12 +12,17 @@ order, so its GEMMs are the same (tolerance kept at rounding level all the same)
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from dist_common import launch
+import torch
+from dist_common import REPO, launch
 
 from moe_system.moe.hierarchical_all_to_all import _regroup, node_shape, ranks_per_node_from_env
 from moe_system.parallel.layout import LayoutError, validate_layout
+from moe_system.parallel.ports import free_port
 from moe_system.training.args import parse_args
 
 REL_TOL = 1e-6
@@ -51,7 +58,6 @@ def test_ranks_per_node_comes_from_the_launcher(monkeypatch):
 
 
 def test_regroup_swaps_the_block_order():
-    import torch
     x = torch.arange(7)
     sizes = [[1, 0, 2], [3, 1, 0]]                                               # blocks (i, j), i-major
     assert _regroup(x, sizes).tolist() == [0, 3, 4, 5, 6, 1, 2]                  # (0,0) (1,0) (0,1) (1,1) (0,2) (1,2)
@@ -88,3 +94,40 @@ def test_ep_layer_through_it_matches_the_flat_exchange(parity):
         assert r["loss_abs_diff"] <= 1e-6, r
         for key in ("out_rel_diff", "expert_grad_rel_diff", "other_grad_rel_diff"):
             assert r[key] <= REL_TOL, (key, r)
+
+
+def _train(tmp_path, name: str, nodes: int, extra: list[str]) -> list[list[float]]:
+    """train.py on 4 processes: one torchrun (nodes=1), or one per node on localhost, as on a real cluster."""
+    out = tmp_path / name
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    train = ["train.py", "--dataset", "synthetic", "--max_steps", "2", "--batch_size", "2", "--max_length", "16",
+             "--log_interval", "1", "--save_interval", "100", "--output_path", str(out), *extra]
+    run = ["timeout", "-k", "5", "200", sys.executable, "-m", "torch.distributed.run"]
+    if nodes == 1:
+        cmds = [[*run, "--standalone", "--nproc_per_node", "4", *train]]
+    else:
+        port = str(free_port())
+        cmds = [[*run, "--nnodes", str(nodes), "--node_rank", str(i), "--nproc_per_node", str(4 // nodes),
+                 "--master_addr", "127.0.0.1", "--master_port", port, *train] for i in range(nodes)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in cmds]
+    results = [proc.communicate() for proc in procs]
+    for proc, (_, err) in zip(procs, results):
+        assert proc.returncode == 0, err[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [[r[k] for k in ("train/lm_loss", "train/aux_loss", "train/router_z_loss")] for r in rows
+            if "train/lm_loss" in r], results[0][1]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_train_py_across_two_nodes_gives_the_flat_losses(tmp_path):
+    flat, _ = _train(tmp_path, "flat", 1, [])
+    hierarchical, _ = _train(tmp_path, "hierarchical", 2, ["--hierarchical_alltoall"])
+    assert len(flat) == len(hierarchical) == 2
+    torch.testing.assert_close(torch.tensor(hierarchical), torch.tensor(flat), rtol=1e-6, atol=0.0)
+    # within one node the flag changes nothing, and says so
+    within, err = _train(tmp_path, "within", 1, ["--hierarchical_alltoall"])
+    assert "note: --hierarchical_alltoall has no effect" in err and "within one node" in err
+    torch.testing.assert_close(torch.tensor(within), torch.tensor(flat), rtol=1e-6, atol=0.0)

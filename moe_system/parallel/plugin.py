@@ -396,9 +396,13 @@ def _hierarchical_groups(layout: Layout):
     per_node = ranks_per_node_from_env(layout.world, layout.rank)
     ep_groups = [layout.ep_group_ranks(base) for base in range(0, layout.world, layout.ep)]
     groups = build_node_groups(ep_groups, per_node, layout.rank)
-    if all(node_shape(ranks, per_node)[0] == 1 for ranks in ep_groups) and layout.rank == 0:
-        print(f"note: --hierarchical_alltoall: every expert-parallel group ({layout.ep} process(es)) lies within "
-              f"one node of {per_node}; its all-to-all is the flat one", file=sys.stderr)
+    if layout.rank == 0 and layout.ep == 1:
+        print("note: --hierarchical_alltoall has no effect: this layout has no expert parallelism (EP size 1)",
+              file=sys.stderr)
+    elif layout.rank == 0 and all(node_shape(ranks, per_node)[0] == 1 for ranks in ep_groups):
+        print(f"note: --hierarchical_alltoall has no effect: every expert-parallel group ({layout.ep} processes) "
+              f"lies within one node ({per_node} processes per node), where it equals the flat all-to-all",
+              file=sys.stderr)
     return groups
 
 
