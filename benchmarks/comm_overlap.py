@@ -60,8 +60,8 @@ FULL = dict(tokens=2048, hidden=256, inter=64, experts=8, top_k=2, chunks=[2, 4,
 SMOKE = dict(tokens=256, hidden=64, inter=32, experts=8, top_k=2, chunks=[4], link_gbps=0.01,
              latency_ms=0.05, expert_us_per_row=20.0, warmup=1, iters=3)
 # nodes for the link model and the hierarchical variant; 1 rank per node (the default) is N x 1
-FULL.update(ranks_per_node=1, inter_node_slowdown=10.0)
-SMOKE.update(ranks_per_node=1, inter_node_slowdown=4.0)
+FULL.update(ranks_per_node=1, inter_node_slowdown=1.0)
+SMOKE.update(ranks_per_node=1, inter_node_slowdown=1.0)
 TOLERANCE = 1e-5  # relative to the largest entry: float rounding (expert weight grads are summed per chunk)
 
 

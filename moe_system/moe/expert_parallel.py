@@ -17,6 +17,8 @@ code, so an EP layer computes the same function as OpenMoeSparseMLP.
   expert weights; only the GEMMs' row counts change, which changes a row's result only where the BLAS picks
   another kernel for very few rows (outputs and input gradients: bitwise equal, or ~1e-7 relative). Expert
   weight gradients are summed over chunks in another order (~1e-7 relative).
+* two levels (node_groups, --hierarchical_alltoall): every exchange of `_overlapped_exchange` goes intra-node,
+  then inter-node (moe/hierarchical_all_to_all.py); the rows arrive as from the flat one.
 
 Gradient semantics. Every rank backpropagates its share of the global-batch loss and the optimizer averages
 dense gradients over all dp = moe_dp * ep data-parallel ranks. An expert's gradient is the sum of the
