@@ -19,7 +19,8 @@ The intermediate sizes (what node peers send to whom) are not known from one ran
 every rank needs the whole P x P split matrix, got by one small all_gather over the EP group
 (`hierarchical_exchanges` does it once for all the chunks of a layer's exchange). Equal splits need nothing.
 
-The class has AsyncAllToAll's interface (moe/all_to_all.py), so `launch`/`wait` and their autograd apply.
+The class is an AsyncAllToAll (moe/all_to_all.py) with its own `start`, so `launch`/`wait` and their autograd
+apply unchanged.
 """
 
 import os
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.layout import LayoutError
+from .all_to_all import AsyncAllToAll
 
 
 @dataclass
@@ -117,16 +119,16 @@ def _regroup(x: torch.Tensor, sizes: list[list[int]]) -> torch.Tensor:
     return torch.cat([blocks[i * cols + j] for j in range(cols) for i in range(rows)])
 
 
-class HierarchicalAllToAll:
-    """AsyncAllToAll's interface over NodeGroups. splits: as AsyncAllToAll (None: equal parts). matrix[p][q]:
-    rows EP rank p sends to EP rank q, for every pair (needed with uneven splits; see hierarchical_exchanges)."""
+class HierarchicalAllToAll(AsyncAllToAll):
+    """An AsyncAllToAll over NodeGroups. splits: as AsyncAllToAll's (None: equal parts). matrix[p][q]: rows EP
+    rank p sends to EP rank q, for every pair (needed with uneven splits; see hierarchical_exchanges)."""
 
     def __init__(self, groups: NodeGroups, recv_splits: list[int] | None = None,
                  send_splits: list[int] | None = None, matrix: list[list[int]] | None = None):
         if (send_splits is None) != (matrix is None):
             raise ValueError("uneven splits need the split matrix of the whole EP group")
-        self.groups, self.recv_splits, self.send_splits, self.matrix = groups, recv_splits, send_splits, matrix
-        self._work = self._received = self._held = None
+        super().__init__(None, recv_splits, send_splits)
+        self.groups, self.matrix = groups, matrix
 
     def reversed(self) -> "HierarchicalAllToAll":
         """The exchange that sends every row back where it came from."""
@@ -165,16 +167,8 @@ class HierarchicalAllToAll:
         recv_from_node = [sum(received[k * g.local:(k + 1) * g.local]) for k in range(g.nodes)]
         self._work = dist.all_to_all_single(out, outgoing, recv_from_node, [sum(col) for col in zip(*gathered)],
                                             group=g.inter, async_op=True)
-        self._received, self._held = out, (sent, step1, outgoing)  # alive until the transfer completes
+        self._received, self._sent = out, (sent, step1, outgoing)  # alive until the transfer completes (wait)
         return out
-
-    def wait(self) -> torch.Tensor:
-        """Wait for the exchange in flight; returns its receive buffer, now filled."""
-        if self._work is None:
-            raise RuntimeError("no exchange in flight")
-        self._work.wait()
-        received, self._work, self._received, self._held = self._received, None, None, None
-        return received
 
 
 def hierarchical_exchanges(groups: NodeGroups, ep_group, recv_splits: list, send_splits: list,
