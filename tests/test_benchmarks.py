@@ -72,6 +72,14 @@ def test_comm_overlap_smoke(comm_overlap):
             for key in ("forward_ms", "backward_ms", "total_ms"):
                 assert finite(r[key]) and r[key] > 0
         assert all(finite(results["4"][f"{k}_ratio"]) for k in ("forward", "backward", "total"))
+        # flat vs --hierarchical_alltoall (2 processes, one per node: 2 nodes x 1), checked and timed side by side
+        hierarchical = case["hierarchical"]
+        assert (hierarchical["nodes"], hierarchical["ranks_per_node"]) == (2, 1)
+        for chunks, r in hierarchical["results"].items():
+            assert r["status"] == "ok", r
+            assert max(r["check"]["max_rel_diff"].values()) <= r["check"]["tolerance"]
+            assert finite(r["total_ms"]) and finite(r["total_ratio_vs_flat"]) and r["total_ratio_vs_flat"] > 0
+        assert set(hierarchical["results"]) == set(results)
     both = cases["both"]
     assert both["injected"]["link_ms_forward"] > 0 and both["injected"]["experts_ms_backward"] > 0
     # The ratios are the benchmark's output, not a pass mark: wall-clock gains depend on the machine and its load.

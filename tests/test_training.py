@@ -8,14 +8,6 @@ from moe_system.training.flops import train_flops_per_token
 from moe_system.training.schedule import lr_multiplier
 
 
-@pytest.mark.parametrize("flag", ["--hierarchical_alltoall"])
-def test_features_not_landed_are_refused_not_ignored(flag, capsys):
-    with pytest.raises(SystemExit) as exc:
-        parse_args([flag])
-    assert exc.value.code == 2
-    assert "not yet available" in capsys.readouterr().err
-
-
 def test_preset_defaults_fill_only_what_was_not_given():
     args = parse_args(["--model_name", "8b", "--lr", "2e-5"])
     assert args.lr == 2e-5 and args.max_length == 2048 and args.batch_size == 1

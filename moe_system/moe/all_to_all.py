@@ -10,6 +10,8 @@ on. Whatever runs between the two (another chunk's experts) overlaps the transfe
 returns it, so the gradient exchange overlaps whatever the autograd engine runs between those two nodes
 (moe/expert_parallel.py orders the graph so that this is the expert backward of a neighbouring chunk). Every
 rank must build the same graph: collectives are matched by the order in which ranks issue them.
+`launch`/`wait` take any object with this interface (`start(x, reverse)`, `wait()`): the two-level exchange of
+moe/hierarchical_all_to_all.py reuses them.
 """
 
 import torch
@@ -24,9 +26,16 @@ class AsyncAllToAll:
         self.group, self.recv_splits, self.send_splits = group, recv_splits, send_splits
         self._work = self._sent = self._received = None
 
-    def start(self, x: torch.Tensor, recv_splits, send_splits) -> torch.Tensor:
+    def reversed(self) -> "AsyncAllToAll":
+        """The exchange that sends every row back where it came from."""
+        return AsyncAllToAll(self.group, self.send_splits, self.recv_splits)
+
+    def start(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """Start sending x (reverse: with send and receive sizes swapped); returns the receive buffer."""
         if self._work is not None:
             raise RuntimeError("this exchange is already in flight")
+        recv_splits, send_splits = (self.send_splits, self.recv_splits) if reverse else \
+            (self.recv_splits, self.send_splits)
         self._sent = x.contiguous()
         rows = self._sent.shape[0] if recv_splits is None else sum(recv_splits)
         out = self._sent.new_empty((rows, *self._sent.shape[1:]))
@@ -48,7 +57,7 @@ class _Launch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, exchange):
         ctx.exchange = exchange
-        return exchange.start(x, exchange.recv_splits, exchange.send_splits)
+        return exchange.start(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -67,7 +76,7 @@ class _Wait(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         exchange = ctx.exchange
-        exchange.start(grad, exchange.send_splits, exchange.recv_splits)
+        exchange.start(grad, reverse=True)
         # The edge to _Launch carries a tensor of the receive buffer's shape; the exchanged gradient has the
         # send buffer's and is handed over through the AsyncAllToAll.
         return grad, None

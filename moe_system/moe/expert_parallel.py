@@ -18,6 +18,8 @@ EP layer computes the same function as a single-device one.
   expert weights; only the GEMMs' row counts change, which changes a row's result only where the BLAS picks
   another kernel for very few rows (outputs and input gradients: bitwise equal, or ~1e-7 relative). Expert
   weight gradients are summed over chunks in another order (~1e-7 relative).
+* two levels (node_groups, --hierarchical_alltoall): every exchange of `_overlapped_exchange` goes intra-node,
+  then inter-node (moe/hierarchical_all_to_all.py); the rows arrive as from the flat one.
 
 Gradient semantics. Every rank backpropagates its share of the global-batch loss and the optimizer averages
 dense gradients over all dp = moe_dp * ep data-parallel ranks. An expert's gradient is the sum of the
@@ -31,16 +33,17 @@ from colossalai.tensor.moe_tensor.api import set_moe_tensor_ep_group
 
 from .all_to_all import AsyncAllToAll, exchange_counts, launch, scale_grad, wait
 from .experts import GroupedExperts, expert_ffn
+from .hierarchical_all_to_all import hierarchical_exchanges
 from .layer import OpenMoeSparseMLP
 from .permute import DispatchPlan, inverse_permutation
 
 
-def shard_experts(layer: OpenMoeSparseMLP, ep_group, overlap_chunks: int = 1) -> OpenMoeSparseMLP:
+def shard_experts(layer: OpenMoeSparseMLP, ep_group, overlap_chunks: int = 1, node_groups=None) -> OpenMoeSparseMLP:
     """Turn a single-device layer into this rank's EP layer in place and return it: its experts cut down to this
     rank's (unless it already holds only those) and tagged with ep_group, its rows exchanged over ep_group. The
     parameters keep their identity, so an optimizer built before boosting still owns them. overlap_chunks > 1
     overlaps the exchange with the experts in that many chunks (--comm_overlap)."""
-    dispatcher = AllToAllDispatch(ep_group, overlap_chunks)
+    dispatcher = AllToAllDispatch(ep_group, overlap_chunks, node_groups)
     if not isinstance(layer, OpenMoeSparseMLP):
         raise TypeError(f"expected an OpenMoeSparseMLP, got {type(layer).__name__}")
     if layer.num_experts % dispatcher.ep_size:
@@ -61,18 +64,22 @@ def shard_experts(layer: OpenMoeSparseMLP, ep_group, overlap_chunks: int = 1) ->
 class AllToAllDispatch:
     """The layer's rows to the EP ranks holding their experts and back (the ways are described above)."""
 
-    def __init__(self, ep_group, overlap_chunks: int = 1):
+    def __init__(self, ep_group, overlap_chunks: int = 1, node_groups=None):
+        """node_groups (this rank's share of hierarchical_all_to_all.build_node_groups): every exchange goes in two
+        levels, intra- then inter-node."""
         if overlap_chunks < 1:
             raise ValueError(f"overlap_chunks must be at least 1, got {overlap_chunks}")
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
-        self.overlap_chunks = overlap_chunks
+        if node_groups is not None and node_groups.ep_size != self.ep_size:
+            raise ValueError(f"node groups for an EP group of {node_groups.ep_size}, but this one has {self.ep_size}")
+        self.overlap_chunks, self.node_groups = overlap_chunks, node_groups
 
     @classmethod
     def from_native_module(cls, module: OpenMoeSparseMLP, process_group=None, ep_group=None, overlap_chunks: int = 1,
-                           **kwargs) -> OpenMoeSparseMLP:
+                           node_groups=None, **kwargs) -> OpenMoeSparseMLP:
         """Shardformer's replacement hook (parallel/policy.py): shard_experts, the same module back."""
-        return shard_experts(module, ep_group, overlap_chunks)
+        return shard_experts(module, ep_group, overlap_chunks, node_groups)
 
     def __call__(self, experts: GroupedExperts, rows: torch.Tensor, plan: DispatchPlan, cap: int | None):
         """rows: the layer's expert-sorted copies (plan: of all num_experts experts); experts: this rank's."""
@@ -172,8 +179,11 @@ class AllToAllDispatch:
         its exchanges and a zero-row expert call), so all ranks issue the collectives in the same order.
         """
         group, n = self.ep_group, len(chunks)
-        dispatch = [AsyncAllToAll(group, recv_splits[j], send_splits[j]) for j in range(n)]
-        combine = [AsyncAllToAll(group, send_splits[j], recv_splits[j]) for j in range(n)]
+        if self.node_groups is None:
+            dispatch = [AsyncAllToAll(group, recv_splits[j], send_splits[j]) for j in range(n)]
+        else:
+            dispatch = hierarchical_exchanges(self.node_groups, group, recv_splits, send_splits, chunks[0].device)
+        combine = [exchange.reversed() for exchange in dispatch]
         arriving = launch(chunks[0], dispatch[0])
         leaving, returned = [], []
         for j in range(n):

@@ -23,6 +23,7 @@ colossalai/):
 * Checkpoint IO: checkpoint_io.py.
 """
 
+import sys
 from types import MethodType
 
 import torch
@@ -36,6 +37,7 @@ from colossalai.tensor.moe_tensor.api import is_moe_tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils._pytree import tree_map
 
+from ..moe.hierarchical_all_to_all import build_node_groups, node_shape, ranks_per_node_from_env
 from .checkpoint_io import OpenMoeCheckpointIO
 from .comm import group_size
 from .config import ParallelConfig
@@ -166,12 +168,32 @@ def build_plugin(parallel: ParallelConfig, model_config) -> tuple[OpenMoeParalle
                           f"({layout.describe()}) has a single one; drop --load_balance or use more processes "
                           f"with an expert-parallel size above 1")
     # The EP layers pipeline their all-to-alls with the experts in comm_overlap_chunks chunks (no-op when ep = 1).
-    policy = OpenMoePolicy(overlap_chunks=parallel.comm_overlap_chunks)
+    # --hierarchical_alltoall: every exchange goes intra-node, then inter-node.
+    node_groups = _hierarchical_groups(layout) if parallel.hierarchical_alltoall else None
+    policy = OpenMoePolicy(overlap_chunks=parallel.comm_overlap_chunks, node_groups=node_groups)
     plugin = OpenMoeParallelPlugin(
         tp_size=1, pp_size=layout.pp, ep_size=layout.ep, zero_stage=zero_stage, precision=precision,
         max_norm=parallel.max_grad_norm, microbatch_size=layout.microbatch_size if layout.is_pipeline else None,
         enable_metadata_cache=True, custom_policy=policy)
+    if node_groups is not None and dist.get_process_group_ranks(plugin.ep_group) != layout.ep_group_ranks():
+        raise RuntimeError("the plugin's EP group is not the layout's: the node subgroups would not match it")
     return plugin, layout
+
+
+def _hierarchical_groups(layout: Layout):
+    """--hierarchical_alltoall: the node subgroups of every EP group (created on every rank, in the same order),
+    or None, with a note, where every EP group lies within one node and the flat exchange is the same thing."""
+    per_node = ranks_per_node_from_env(layout.world, layout.rank)
+    ep_groups = [layout.ep_group_ranks(base) for base in range(0, layout.world, layout.ep)]
+    groups = build_node_groups(ep_groups, per_node, layout.rank)
+    if layout.rank == 0 and layout.ep == 1:
+        print("note: --hierarchical_alltoall has no effect: this layout has no expert parallelism (EP size 1)",
+              file=sys.stderr)
+    elif layout.rank == 0 and all(node_shape(ranks, per_node)[0] == 1 for ranks in ep_groups):
+        print(f"note: --hierarchical_alltoall has no effect: every expert-parallel group ({layout.ep} processes) "
+              f"lies within one node ({per_node} processes per node), where it equals the flat all-to-all",
+              file=sys.stderr)
+    return groups
 
 
 __all__ = ["Layout", "LayoutError", "OpenMoeParallelPlugin", "ParallelConfig", "build_plugin", "validate_layout"]

@@ -3,7 +3,7 @@
 * Every MoE layer (`model.layers.{i}.mlp` for i in config.moe_layer_indices) keeps this rank's experts and
   exchanges its rows over the EP group (moe/expert_parallel.py: shardformer calls
   `AllToAllDispatch.from_native_module` with the EP group, and with the number of chunks its all-to-alls are
-  overlapped in: --comm_overlap).
+  overlapped in: --comm_overlap, and with this rank's node subgroups of its EP group: --hierarchical_alltoall).
 * With a pipeline, each stage holds a contiguous run of decoder layers (the embedding on the first stage,
   the final norm and LM head on the last, the rotary table everywhere) and runs `pipeline_stage_forward`: the
   model's own forward over its layers. Router losses are summed over the stage's MoE layers and travel with the
@@ -50,10 +50,11 @@ def pipeline_stage_forward(self: OpenMoeForCausalLM, input_ids=None, labels=None
 
 
 class OpenMoePolicy(Policy):
-    def __init__(self, overlap_chunks: int = 1):
-        """overlap_chunks > 1: the EP layers pipeline their all-to-alls with the experts in that many chunks."""
+    def __init__(self, overlap_chunks: int = 1, node_groups=None):
+        """overlap_chunks > 1: the EP layers pipeline their all-to-alls with the experts in that many chunks.
+        node_groups (moe/hierarchical_all_to_all.py): the EP layers exchange intra- then inter-node."""
         super().__init__()
-        self.overlap_chunks = overlap_chunks
+        self.overlap_chunks, self.node_groups = overlap_chunks, node_groups
 
     def config_sanity_check(self):
         if self.shard_config.enable_tensor_parallelism or self.shard_config.enable_sequence_parallelism:
@@ -67,7 +68,7 @@ class OpenMoePolicy(Policy):
         policy = {}
         ep_group = self.shard_config.ep_group
         if ep_group is not None:
-            kwargs = {"ep_group": ep_group, "overlap_chunks": self.overlap_chunks}
+            kwargs = {"ep_group": ep_group, "overlap_chunks": self.overlap_chunks, "node_groups": self.node_groups}
             replacements = [SubModuleReplacementDescription(suffix=f"layers.{i}.mlp",
                                                             target_module=AllToAllDispatch,
                                                             kwargs=kwargs, ignore_if_not_exist=True)

@@ -24,9 +24,7 @@ PRESET_DEFAULTS = {
     "34b": dict(lr=1e-5, batch_size=1, max_length=2048, num_epoch=1, warmup_steps=0, lr_scheduler="constant"),
 }
 
-NOT_YET = {
-    "hierarchical_alltoall": "hierarchical all-to-all (--hierarchical_alltoall)",
-}
+NOT_YET: dict[str, str] = {}  # flag -> feature
 
 
 class Parser(argparse.ArgumentParser):
@@ -124,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--comm_overlap_chunks chunks (same results; a no-op when the EP size is 1)")
     g.add_argument("--comm_overlap_chunks", type=int, default=4,
                    help="with --comm_overlap: chunks each MoE layer's routed tokens are split into")
-    g.add_argument("--hierarchical_alltoall", action="store_true")
+    g.add_argument("--hierarchical_alltoall", action="store_true",
+                   help="expert-parallel all-to-alls in two levels, within each node then one exchange per node "
+                   "pair (nodes from the launcher's LOCAL_WORLD_SIZE; same results; for EP groups across nodes)")
 
     g = p.add_argument_group("output")
     g.add_argument("--output_path", default=None, help="default: outputs/openmoe-<model_name>")
