@@ -96,28 +96,28 @@ def check_shared(path: str) -> None:
     world = dist.get_world_size()
     if world == 1:
         return
-    token = secrets.token_hex(16)
-    box = [token if dist.get_rank() == 0 else None]
+    box = [secrets.token_hex(16), path] if dist.get_rank() == 0 else [None, None]
     dist.broadcast_object_list(box, src=0)
-    probe = os.path.join(path, f".shared-check-{box[0]}")
+    token, rank0_path = box  # the message names rank 0's path: the same line on every rank
+    name = f".shared-check-{token}"
     if dist.get_rank() == 0:
-        with open(probe, "w") as f:
-            f.write(box[0])
+        with open(os.path.join(path, name), "w") as f:
+            f.write(token)
     dist.barrier()
     try:
-        with open(probe) as f:
-            seen = f.read() == box[0]
+        with open(os.path.join(path, name)) as f:
+            seen = f.read() == token
     except OSError:
         seen = False
     missing = [0.0] * world
     missing[dist.get_rank()] = float(not seen)
     blind = all_reduce_values(missing, dist.group.WORLD).nonzero().flatten().tolist()
     if dist.get_rank() == 0:
-        os.remove(probe)
+        os.remove(os.path.join(path, name))
     if blind:
         ranks = ", ".join(map(str, blind[:8])) + (", ..." if len(blind) > 8 else "")
         raise OutputDirError(
-            f"--output_path {path} is not the same directory on every rank: rank(s) {ranks} of {world} do not see "
+            f"--output_path {rank0_path} is not the same directory on every rank: rank(s) {ranks} of {world} do not see "
             f"what rank 0 wrote there. Training on several nodes needs a filesystem shared by all nodes and mounted "
             f"at the same path (NFS, Lustre, ...); pass an --output_path on it")
 
