@@ -40,12 +40,15 @@ class OpenMoeRotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
 
     def forward(self, position_ids: torch.Tensor):
+        # The frequencies are no buffer: a bf16/fp16 cast of the model would round them (angles off by
+        # radians at position 2047). Recomputed in fp32 here, on the positions' device, at negligible cost.
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=position_ids.device) / self.head_dim
+        inv_freq = 1.0 / self.theta ** exponents
         # Angles are computed from the positions themselves, so prefill and cached decoding agree by construction.
-        angles = position_ids.float().unsqueeze(-1) * self.inv_freq
+        angles = position_ids.float().unsqueeze(-1) * inv_freq
         angles = torch.cat([angles, angles], dim=-1)  # [B, T, d]
         return angles.cos(), angles.sin()
 
@@ -139,10 +142,6 @@ class OpenMoePreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
         elif isinstance(module, OpenMoeSparseMLP):
             module.reset_parameters()
-        elif isinstance(module, OpenMoeRotaryEmbedding):
-            head_dim = module.inv_freq.numel() * 2
-            module.inv_freq.copy_(1.0 / self.config.rope_theta ** (
-                torch.arange(0, head_dim, 2, dtype=torch.float32, device=module.inv_freq.device) / head_dim))
 
 
 def build_attention_mask(attention_mask, query_len: int, past_len: int, dtype_device_ref: torch.Tensor):

@@ -55,10 +55,20 @@ class OpenMoeSparseMLP(nn.Module):
         self.register_buffer("expert_slot", None, persistent=False)
         if config.router_bias_update_rate > 0:
             # Aux-loss-free balancing: a per-expert selection bias, nudged after every optimizer step towards
-            # the under-loaded experts (see balancing.py). Persistent: it is part of the trained router.
-            self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+            # the under-loaded experts (see balancing.py). Persistent: it is part of the trained router. Always
+            # fp32 (see _apply): steps of ~1e-3 vanish in bf16 once |bias| reaches 0.25.
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         else:
             self.expert_bias = None
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) (as Colossal-AI's mixed-precision module does) casts every floating buffer: keep the
+        # selection bias fp32, unrounded, wherever it moves.
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = bias.to(self.expert_bias.device)
+        return self
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.gate_weight, std=math.sqrt(self.init_scale / self.gate_weight.shape[1]))

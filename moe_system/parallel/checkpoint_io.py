@@ -137,11 +137,10 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
                            use_async: bool = False) -> None:
         assert isinstance(model, ModelWrapper), "boost the model before saving it"
         model = model.unwrap()
-        if dist.get_rank() == 0:
-            os.makedirs(checkpoint, exist_ok=True)
-        dist.barrier()
         state = canonical_state_dict(model)
         writer = self.moe_dp_rank == 0 and self.ep_rank == 0 and self.tp_rank == 0 and self.sp_rank == 0
+        if writer or dist.get_rank() == 0:  # every rank that writes here creates it (rank 0 writes the index)
+            os.makedirs(checkpoint, exist_ok=True)
         weights_name, index_name = get_model_base_filenames(prefix, use_safetensors)
         if self.pp_size > 1:
             stage = f"-stage-{self.pp_rank + 1:05d}"
@@ -239,8 +238,8 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
         # Per-rank states follow the physical expert placement (rebalance.py); record it to restore it on load.
         stage_placements = [None] * dist.get_world_size()
         dist.all_gather_object(stage_placements, placements(optimizer.model.unwrap()))
+        os.makedirs(checkpoint, exist_ok=True)  # by every rank: each writes its own file here
         if rank == 0:
-            os.makedirs(checkpoint, exist_ok=True)
             with open(os.path.join(checkpoint, OPTIMIZER_LAYOUT_FILE), "w") as f:
                 json.dump(self._layout_record(), f)
             with open(os.path.join(checkpoint, PLACEMENT_FILE), "w") as f:

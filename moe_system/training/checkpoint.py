@@ -295,13 +295,12 @@ def save_checkpoint(booster, model, optimizer, scheduler, tokenizer, output_dir:
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crash at this very step
         problem = space_problem(output_dir, name)
-        if not problem:
-            os.makedirs(os.path.join(partial, "rng"))
     broadcast_problem(problem)
     with disk_full_is_an_error(output_dir, name, partial):
         save_model(booster, model, tokenizer, os.path.join(partial, "model"))
         booster.save_optimizer(optimizer, os.path.join(partial, "optimizer"), shard=True)
         booster.save_lr_scheduler(scheduler, os.path.join(partial, "scheduler.pt"))
+        os.makedirs(os.path.join(partial, "rng"), exist_ok=True)  # by every rank: it writes there
         save_state(rng_state(), os.path.join(partial, "rng", f"rank{rank}.pt"))
         dist.barrier()
         if rank == 0:
@@ -341,6 +340,8 @@ def load_checkpoint(booster, model, optimizer, scheduler, path: str) -> dict:
 
 def save_model(booster, model, tokenizer, path: str) -> None:
     """A Hugging Face-format checkpoint (safetensors shards + config + tokenizer) that from_pretrained loads."""
+    # config.json's "dtype" (Hugging Face's field) is the training precision's: `infer.py --dtype auto` loads that.
+    model.unwrap().config.dtype = next(model.unwrap().parameters()).dtype
     booster.save_model(model, path, shard=True, use_safetensors=True)
     if dist.get_rank() == 0:
         model.unwrap().config.save_pretrained(path)

@@ -14,7 +14,8 @@ from ..model.loss import router_loss
 
 
 def global_target_count(micro_batches: list[dict], group, device) -> torch.Tensor:
-    count = sum((mb["labels"][:, 1:] != -100).sum() for mb in micro_batches).to(device, torch.float32)
+    # int64: the plugin casts floating inputs to the training precision (fp16 is inf above 65,504 tokens)
+    count = sum((mb["labels"][:, 1:] != -100).sum() for mb in micro_batches).to(device, torch.int64)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(count, group=group)
     return count.clamp(min=1)

@@ -1,19 +1,21 @@
 """The run's claim on its --output_path: writable, not silently replacing an earlier run, and used by one run at
 a time (an exclusive lock held by rank 0 for the run's lifetime).
 
-Only rank 0 touches the directory here (other nodes may not even see it); what it finds is broadcast, so every
-rank stops with the same one-line error instead of waiting at the next collective.
+Only rank 0 checks and locks the directory; what it finds is broadcast, so every rank stops with the same one-line
+error instead of waiting at the next collective. Then every rank checks that it sees the same directory.
 """
 
 import fcntl
 import glob
 import os
+import secrets
 import shutil
 import socket
 from contextlib import contextmanager, suppress
 
 import torch.distributed as dist
 
+from ..parallel.comm import all_reduce_values
 from .checkpoint import FINAL_DIR, PREFIX, OutputDirError, broadcast_problem, list_checkpoints
 
 LOCK_FILE = ".lock"
@@ -87,6 +89,39 @@ class OutputLock:
             self.fd = None
 
 
+def check_shared(path: str) -> None:
+    """Every rank must see rank 0's --output_path: checkpoints are written by all ranks into directories one rank
+    creates, and published by rank 0's rename. Rank 0 writes a random token there; every rank reads it back.
+    Collective; call after rank 0 created the directory."""
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    box = [secrets.token_hex(16), path] if dist.get_rank() == 0 else [None, None]
+    dist.broadcast_object_list(box, src=0)
+    token, rank0_path = box  # the message names rank 0's path: the same line on every rank
+    name = f".shared-check-{token}"
+    if dist.get_rank() == 0:
+        with open(os.path.join(path, name), "w") as f:
+            f.write(token)
+    dist.barrier()
+    try:
+        with open(os.path.join(path, name)) as f:
+            seen = f.read() == token
+    except OSError:
+        seen = False
+    missing = [0.0] * world
+    missing[dist.get_rank()] = float(not seen)
+    blind = all_reduce_values(missing, dist.group.WORLD).nonzero().flatten().tolist()
+    if dist.get_rank() == 0:
+        os.remove(os.path.join(path, name))
+    if blind:
+        ranks = ", ".join(map(str, blind[:8])) + (", ..." if len(blind) > 8 else "")
+        raise OutputDirError(
+            f"--output_path {rank0_path} is not the same directory on every rank: rank(s) {ranks} of {world} do not see "
+            f"what rank 0 wrote there. Training on several nodes needs a filesystem shared by all nodes and mounted "
+            f"at the same path (NFS, Lustre, ...); pass an --output_path on it")
+
+
 @contextmanager
 def claim_output_dir(path: str, resume: str | None, overwrite: bool):
     """For the run's lifetime: the directory is locked and checked. Yields the earlier run's outputs that
@@ -111,6 +146,7 @@ def claim_output_dir(path: str, resume: str | None, overwrite: bool):
                 lock.release()
     broadcast_problem(problem)
     try:
+        check_shared(path)
         yield earlier
     finally:
         if lock:
