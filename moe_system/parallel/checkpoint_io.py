@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -159,7 +160,7 @@ def _shards(tensors, size_per_shard: int):
 
 
 class WeightFile:
-    """One weight file, read tensor by tensor: safetensors slices (nothing is read until one is indexed) or the
+    """One weight file, read tensor by tensor: safetensors slices (nothing is read until one is indexed), or the
     tensors of a memory-mapped .bin (a pickle, loaded with weights_only)."""
 
     def __init__(self, path: Path, what: str):
@@ -168,20 +169,27 @@ class WeightFile:
             raise CheckpointError(f"{path} is missing (named by {what}); copy the whole checkpoint directory again")
         try:
             if path.suffix == ".safetensors":
-                self._file = safe_open(path, framework="pt")
-                self.names, self._get = list(self._file.keys()), self._file.get_slice
+                with safe_open(path, framework="pt") as f:
+                    self.names, self._state = set(f.keys()), None
             else:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                self.names, self._get = list(state), state.__getitem__
+                self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                self.names = set(self._state)
         except Exception as err:
             raise CheckpointError(f"cannot read weights from {path}: {err} (a damaged or partly copied file: copy "
                                   f"or save the checkpoint again)") from None
 
-    def __getitem__(self, name: str):
+    @contextmanager
+    def tensor(self, name: str):
+        """name's slice. A safetensors file is opened for each read: the file pages read count as this process's
+        resident memory while they are mapped, so only the piece being copied is."""
         if name not in self.names:
             raise CheckpointError(f"{self.path} does not hold {name}, which {self.what} places there; copy or save "
                                   f"the checkpoint again")
-        return self._get(name)
+        if self._state is not None:
+            yield self._state[name]
+            return
+        with safe_open(self.path, framework="pt") as f:
+            yield f.get_slice(name)
 
 
 class OpenMoeCheckpointIO(MoECheckpointIO):
@@ -268,25 +276,27 @@ class OpenMoeCheckpointIO(MoECheckpointIO):
             for path, names in by_file.items():
                 weights = WeightFile(path, what)
                 for name in names:
-                    self._load_tensor(name, targets[name], weights[name], slots.get(name), path)
-                del weights  # unmaps the file before the next one is opened
+                    self._load_tensor(name, targets[name], weights, slots.get(name))
+                del weights  # a .bin: unmapped before the next file
 
     @staticmethod
-    def _load_tensor(name: str, param: torch.Tensor, source, slots: torch.Tensor | None, path: Path) -> None:
+    def _load_tensor(name: str, param: torch.Tensor, weights: WeightFile, slots: torch.Tensor | None) -> None:
         group = _ep_group_of(param) if is_moe_tensor(param) else None
         ep = dist.get_world_size(group) if group is not None else 1
-        shape = tuple(source.get_shape()) if hasattr(source, "get_shape") else tuple(source.shape)
         expected = (param.shape[0] * ep, *param.shape[1:]) if ep > 1 else tuple(param.shape)
-        if shape != expected:
-            raise CheckpointError(f"{name} in {path} has shape {shape}, this model needs {expected}: the checkpoint "
-                                  f"is of another model; load a checkpoint of this one")
-        if ep == 1:
-            param.copy_(source[:].to(param.device, param.dtype))
-            return
+        with weights.tensor(name) as source:
+            shape = tuple(source.get_shape()) if hasattr(source, "get_shape") else tuple(source.shape)
+            if shape != expected:
+                raise CheckpointError(f"{name} in {weights.path} has shape {shape}, this model needs {expected}: the "
+                                      f"checkpoint is of another model; load a checkpoint of this one")
+            if ep == 1:
+                param.copy_(source[:].to(param.device, param.dtype))
+                return
         first = dist.get_rank(group) * param.shape[0]
         canonical = torch.arange(expected[0]) if slots is None else torch.argsort(slots)
         for row, expert in enumerate(canonical[first:first + param.shape[0]].tolist()):
-            param[row].copy_(source[expert:expert + 1][0].to(param.device, param.dtype))
+            with weights.tensor(name) as source:  # one expert's rows mapped at a time
+                param[row].copy_(source[expert:expert + 1][0].to(param.device, param.dtype))
 
     def load_sharded_model(self, model: ModelWrapper, checkpoint_index_file: Path, strict: bool = False,
                            low_cpu_mem_mode: bool = True, num_threads: int = 1) -> None:
