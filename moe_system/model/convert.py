@@ -441,6 +441,9 @@ def write_checkpoint(state: dict, config: OpenMoeConfig, dtype: torch.dtype, src
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
+        # Under torch.distributed, transformers writes on global rank 0 only; a conversion runs on one rank per
+        # node (LOCAL_RANK 0), which must write whatever its global rank.
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process
         model.save_pretrained(partial, max_shard_size=max_shard_size)
         copy_sentencepiece(src, partial)
         # Read back the names and shapes written: a save that dropped or renamed a tensor fails here.

@@ -5,6 +5,8 @@ layout: every expert tensor is gathered over its EP group into the canonical [E,
 file is expert e of the single-device model), each pipeline stage writes its own shards, and rank 0 writes
 the merged index and config.json. Loading slices each rank's experts out of the canonical tensors, so a
 checkpoint saved with ep=2 loads into ep=4 or into `OpenMoeForCausalLM.from_pretrained` on one process.
+Both stream: tensors travel to the stage's writer one at a time (experts in bounded pieces), and a load reads
+only the rank's own tensors and expert rows, so no rank holds more than its share plus what is in flight.
 Upstream (checkpoint_io/moe_checkpoint.py:116-247) writes each EP rank's local [E/ep, ...] stack under the
 same key, so the merged index keeps one rank's experts only; its load (inherited from
 hybrid_parallel_checkpoint_io.py) copies full tensors into local slices.
