@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from moe_system.model import OpenMoeConfig
-from moe_system.model.convert import (CheckpointError, config_from_released, convert_checkpoint, detect_layout,
+from moe_system.model.convert import (CONVERTED_MARKER, CheckpointError, config_from_released, conversion_dir,
+                                      convert_checkpoint, convert_once, detect_layout, is_conversion_of,
                                       load_any_checkpoint, load_pretrained_strict, main, read_t5x_npz)
 
 # Layer 0 is dense and layer 1 MoE; heads * head_dim != hidden, and H, I, 2I all differ so that most transposes
@@ -421,3 +422,26 @@ def test_load_any_checkpoint_converts_a_released_layout_on_the_fly(tmp_path):
     expected = reference_logits(reference_params_from_torch_layout(tensors), TOKENS)
     torch.testing.assert_close(logits_of(model), expected, rtol=1e-4, atol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_convert_once_converts_beside_the_source_and_reuses_a_complete_conversion(tmp_path):
+    src = write_released(tmp_path / "src", "orion", released_torch_tensors())
+    dst = convert_once(src)
+    assert dst == conversion_dir(src) == tmp_path / "src-openmoe" and is_conversion_of(dst, src)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "src-openmoe"]  # no partial left behind
+    written = (dst / "model.safetensors").stat().st_mtime_ns
+    assert convert_once(src) == dst and (dst / "model.safetensors").stat().st_mtime_ns == written  # reused
+    assert convert_once(dst) == dst  # ours already
+
+    (dst / CONVERTED_MARKER).unlink()  # e.g. a directory of the same name from elsewhere
+    with pytest.raises(CheckpointError, match=r"src-openmoe exists but is not a complete conversion of .*src"):
+        convert_once(src)
+
+
+def test_conversion_writes_on_a_rank_other_than_the_first(tmp_path, monkeypatch):
+    # One rank per node converts for its node: on the second node it is not global rank 0.
+    import transformers.distributed.mixin as mixin
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 8)
+    src = write_released(tmp_path / "src", "orion", released_torch_tensors())
+    assert (convert_once(src) / "model.safetensors").is_file()

@@ -46,6 +46,9 @@ WEIGHT_FILES = (("model.safetensors.index.json", "model.safetensors"),
                 ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 # Only the sentencepiece model travels with the weights: released tokenizer configs may point at remote code.
 SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model")
+# Written last into every conversion (before it is renamed into place): the source it came from, with its files'
+# sizes. --load_checkpoint reuses a conversion only when this matches its source.
+CONVERTED_MARKER = "converted_from.json"
 LISTED = 20  # names shown per kind of problem; the count says how many more there are
 T5X_EXPORT_HINT = (
     "a native T5X checkpoint (msgpack + tensorstore) needs t5x and flax to read, which we do not depend on. "
@@ -438,10 +441,14 @@ def write_checkpoint(state: dict, config: OpenMoeConfig, dtype: torch.dtype, src
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
+        # Under torch.distributed, transformers writes on global rank 0 only; a conversion runs on one rank per
+        # node (LOCAL_RANK 0), which must write whatever its global rank.
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process
         model.save_pretrained(partial, max_shard_size=max_shard_size)
         copy_sentencepiece(src, partial)
         # Read back the names and shapes written: a save that dropped or renamed a tensor fails here.
         check_weights(partial, expected_shapes(config))
+        (partial / CONVERTED_MARKER).write_text(json.dumps(source_record(src)))
         move_into_place(partial, dst)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -470,6 +477,60 @@ def convert_checkpoint(src_dir, dst_dir, *, source: str = "auto", t5x_config=Non
     config = checkpoint_config(src, source=layout, t5x_config=t5x_config)
     state, out_dtype = cast_state(convert_state(src, layout, config), dtype)
     write_checkpoint(state, config, out_dtype, src, dst, max_shard_size)
+    return dst
+
+
+def source_record(src: Path) -> dict:
+    """What a conversion was made from: the source directory and the size of each of its files."""
+    src = Path(src).resolve()
+    return {"source": str(src), "files": {p.name: p.stat().st_size for p in sorted(src.iterdir()) if p.is_file()}}
+
+
+def conversion_dir(src) -> Path:
+    """Where --load_checkpoint keeps the conversion of a released checkpoint: beside it, named after it."""
+    src = Path(src).resolve()
+    return src.with_name(f"{src.name}-openmoe")
+
+
+def is_conversion_of(dst: Path, src: Path) -> bool:
+    marker = dst / CONVERTED_MARKER
+    return marker.is_file() and read_json(marker) == source_record(src)
+
+
+def ours_or_converted(src) -> Path:
+    """The directory in our format that holds src's weights: src itself, or its conversion_dir."""
+    return Path(src) if detect_layout(src) == "openmoe" else conversion_dir(src)
+
+
+def convert_once(src, *, source: str = "auto", t5x_config=None) -> Path:
+    """ours_or_converted(src), converting a released checkpoint there first unless a complete conversion of this
+    very source is already there. Processes converting at once (one per node on a shared filesystem) each write
+    a private copy and rename it into place; the first wins and the others use its copy."""
+    src = Path(src)
+    layout = detect_layout(src) if source == "auto" else source
+    if layout == "openmoe":
+        return src
+    dst = conversion_dir(src)
+    if dst.exists():
+        if is_conversion_of(dst, src):
+            return dst
+        raise CheckpointError(f"{dst} exists but is not a complete conversion of {src} (its {CONVERTED_MARKER} is "
+                              f"missing or names another source); remove it, or convert with `python -m "
+                              f"moe_system.model.convert {src} DST` and pass --load_checkpoint DST")
+    private = dst.with_name(f".{dst.name}.{os.uname().nodename}-{os.getpid()}")
+    try:
+        convert_checkpoint(src, private, source=layout, t5x_config=t5x_config, overwrite=True)
+        try:
+            os.rename(private, dst)
+        except OSError:
+            if not is_conversion_of(dst, src):
+                raise
+    except PermissionError as err:
+        raise CheckpointError(f"cannot write the conversion of {src} beside it ({err}); convert it before the "
+                              f"launch with `python -m moe_system.model.convert {src} DST` and pass "
+                              f"--load_checkpoint DST") from None
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
     return dst
 
 

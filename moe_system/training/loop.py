@@ -21,9 +21,10 @@ from ..data.records import is_hub_dataset
 from ..data.synthetic import SyntheticTokens
 from ..data.ul2 import OPENMOE_UL2_WEIGHTS, UL2Rows
 from ..model import OpenMoeConfig, OpenMoeForCausalLM
-from ..model.convert import checkpoint_config, load_any_checkpoint
+from ..model.convert import checkpoint_config
 from ..moe.balancing import update_expert_bias
 from ..moe.load import ExpertLoadMeter
+from ..parallel.checkpoint_io import load_pretrained_weights
 from ..parallel.config import ParallelConfig
 from ..parallel.launch import init_distributed
 from ..parallel.plugin import build_plugin
@@ -62,10 +63,7 @@ def build_model_config(args) -> OpenMoeConfig:
 
 def build_model(args, config: OpenMoeConfig) -> OpenMoeForCausalLM:
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    if not args.load_checkpoint:
-        return OpenMoeForCausalLM(config)
-    # Strict: the reference loaded with strict=False and trained uninitialised experts into NaNs.
-    return load_any_checkpoint(args.load_checkpoint, config=config)
+    return OpenMoeForCausalLM(config)  # --load_checkpoint's weights are loaded after boosting
 
 
 def decay_groups(model, weight_decay: float) -> list[dict]:
@@ -143,6 +141,8 @@ def run_training(args, earlier_run: list[str]) -> dict:
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.warmup_steps, total_steps)
     model, optimizer, _, dataloader, scheduler = booster.boost(model, optimizer, dataloader=dataloader,
                                                                lr_scheduler=scheduler)
+    if args.load_checkpoint and not resume_from:  # strict, each rank its own slices (a resume replaces them)
+        load_pretrained_weights(booster, model, args.load_checkpoint)
     load_meter = ExpertLoadMeter(model.unwrap().moe_layers())
     bias_meter = ExpertLoadMeter(model.unwrap().moe_layers()) if config.router_bias_update_rate else None
 

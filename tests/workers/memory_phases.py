@@ -1,0 +1,92 @@
+"""Test-only launcher: runs train.py (same arguments) and records this rank's peak resident memory (VmHWM) in each
+phase of the run, by wrapping the loop's functions from here (nothing in the library knows about it).
+
+The peak is reset (/proc/self/clear_refs "5") at the start of each phase, so each phase's peak is what stays
+resident from before plus what the phase itself adds. Phases, in MiB, written to MEMORY_PHASES_DIR/rankR.json:
+  overhead  process start until the model is built (interpreter, torch, Colossal-AI, process groups, data)
+  startup   building and boosting the model
+  load      --load_checkpoint (a released layout is converted by LOCAL_RANK 0 in this phase)
+  resume    --resume: model, optimizer, scheduler and RNG states
+  train     the steps since the last phase (optimizer states are created at the first)
+  save      a checkpoint, or the final model
+
+Usage: torchrun ... tests/workers/memory_phases.py TRAIN_ARGS. With MEMORY_MODEL_CONFIG (a directory with our
+config.json), a --resume builds that architecture instead of the --model_name preset.
+"""
+
+import json
+import os
+import re
+import runpy
+import sys
+from pathlib import Path
+
+from colossalai.booster import Booster
+
+import moe_system.training.loop as loop
+
+ROOT = Path(__file__).resolve().parents[2]
+peaks: dict[str, float] = {}
+
+
+def status_mib(field: str) -> float:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def end_phase(name: str) -> None:
+    """Record the peak since the last phase ended under name (the largest over repeats), and start the next."""
+    peaks[name] = max(peaks.get(name, 0.0), status_mib("VmHWM"))
+    peaks[f"{name}_end"] = status_mib("VmRSS")  # resident at its end: what the next phase starts from
+    Path("/proc/self/clear_refs").write_text("5")
+    path = Path(os.environ["MEMORY_PHASES_DIR"]) / f"rank{os.environ['RANK']}.json"
+    path.write_text(json.dumps(peaks))
+
+
+def phase(function, name: str, before: str | None = None):
+    def wrapped(*args, **kwargs):
+        if before:
+            end_phase(before)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+        result = function(*args, **kwargs)
+        end_phase(name)
+        return result
+    return wrapped
+
+
+def main() -> None:
+    build_model_config = loop.build_model_config
+
+    def config_of_the_resumed_run(args):
+        if args.resume and os.environ.get("MEMORY_MODEL_CONFIG"):
+            return loop.OpenMoeConfig.from_pretrained(os.environ["MEMORY_MODEL_CONFIG"])
+        return build_model_config(args)
+
+    loop.build_model_config = config_of_the_resumed_run
+    build_model = loop.build_model
+
+    def build_model_after_overhead(*args, **kwargs):
+        end_phase("overhead")
+        return build_model(*args, **kwargs)
+
+    loop.build_model = build_model_after_overhead
+    boost = Booster.boost
+
+    def boost_then_startup(self, *args, **kwargs):
+        result = boost(self, *args, **kwargs)
+        end_phase("startup")
+        return result
+
+    Booster.boost = boost_then_startup
+    for loader in ("load_pretrained_weights", "load_any_checkpoint"):  # the latter: before boosting, in older trees
+        if hasattr(loop, loader):
+            setattr(loop, loader, phase(getattr(loop, loader), "load"))
+    loop.load_checkpoint = phase(loop.load_checkpoint, "resume")
+    loop.save_checkpoint = phase(loop.save_checkpoint, "save", before="train")
+    loop.save_final_model = phase(loop.save_final_model, "save", before="train")
+    sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
+    runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
