@@ -25,6 +25,7 @@ from ..model.convert import checkpoint_config, load_any_checkpoint
 from ..moe.balancing import update_expert_bias
 from ..moe.load import ExpertLoadMeter
 from ..parallel.plugin import build_plugin, init_distributed
+from ..parallel.rank_model import build_for_plugin
 from ..parallel.rebalance import ExpertRebalancer, format_rebalance
 from . import interrupt
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
@@ -58,10 +59,12 @@ def build_model_config(args) -> OpenMoeConfig:
     return OpenMoeConfig.from_preset(args.model_name, **overrides)
 
 
-def build_model(args, config: OpenMoeConfig) -> OpenMoeForCausalLM:
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
+def build_model(args, config: OpenMoeConfig, plugin) -> OpenMoeForCausalLM:
+    torch.manual_seed(args.seed)  # the same random state on every rank afterwards
     if not args.load_checkpoint:
-        return OpenMoeForCausalLM(config)
+        # Only this rank's experts and pipeline stage, on its device, initialised as the same seed initialises the
+        # whole model (parallel/rank_model.py).
+        return build_for_plugin(config, plugin, args.seed)
     # Strict: the reference loaded with strict=False and trained uninitialised experts into NaNs.
     return load_any_checkpoint(args.load_checkpoint, config=config)
 
@@ -119,7 +122,7 @@ def run_training(args, earlier_run: list[str]) -> dict:
     eval_records = {name: load_records(name, None, "heldout", skip_malformed=args.skip_malformed)
                     for name in eval_sources}  # {set name: records}
 
-    model = build_model(args, config)
+    model = build_model(args, config, plugin)
     if args.gradient_checkpointing:
         model.model.gradient_checkpointing = True
     counts = param_counts(config)
