@@ -28,7 +28,8 @@ def reassemble(config, shares) -> dict:
         local = config.num_experts // ep_size
         for name, tensor in model.state_dict().items():
             if ".experts." in name:
-                whole = merged.setdefault(name, torch.full((config.num_experts, *tensor.shape[1:]), float("nan")))
+                shape = (config.num_experts, *tensor.shape[1:])
+                whole = merged.setdefault(name, torch.full(shape, float("nan"), dtype=tensor.dtype))
                 whole[ep_rank * local:(ep_rank + 1) * local] = tensor
             elif name in merged:
                 assert torch.equal(merged[name], tensor), f"{name} differs between ranks"
@@ -51,6 +52,15 @@ def test_every_ep_layout_starts_from_the_single_process_weights(ep_size):
     shares = [((r, ep_size), build_rank_model(config, seed=SEED, ep_rank=r, ep_size=ep_size)) for r in range(ep_size)]
     for _, model in shares:
         assert model.model.layers[1].mlp.experts.wo.shape[0] == config.num_experts // ep_size
+    assert_same_model(reassemble(config, shares), full)
+
+
+def test_a_bf16_share_is_the_fp32_canonical_model_rounded():
+    config = tiny_config()
+    full = build_rank_model(config, seed=SEED).to(torch.bfloat16)
+    shares = [((r, 2), build_rank_model(config, seed=SEED, ep_rank=r, ep_size=2, dtype=torch.bfloat16))
+              for r in range(2)]
+    assert all(p.dtype == torch.bfloat16 for _, model in shares for p in model.parameters())
     assert_same_model(reassemble(config, shares), full)
 
 

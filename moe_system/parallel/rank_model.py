@@ -9,7 +9,8 @@ device (shapes only) and cut to what the rank holds:
 * with a pipeline, what its stage holds (policy.stage_modules, the same list the shardformer policy hands to
   Colossal-AI); the other modules' tensors are dropped as shardformer drops them, never materialised.
 
-Only then are the tensors allocated, on the rank's device, and initialised there.
+Only then are the tensors allocated, on the rank's device, and initialised there, one module at a time in fp32
+and then cast to the training precision (so the device never holds the rank's share in fp32 and bf16 at once).
 
 Initialisation does not depend on the layout: a dense tensor draws from a generator seeded by (seed, its name),
 and expert e of layer i draws its rows of wi_gate, wi_up and wo from a generator seeded by (seed, i, e). So EP
@@ -51,31 +52,30 @@ def keep_experts(experts: GroupedExperts, first: int, count: int) -> None:
     experts.num_experts = count
 
 
-def initialise(model: OpenMoeForCausalLM, seed: int, first_expert: int) -> None:
-    """Initialise every materialised tensor of a rank model with its own keyed generator (module note)."""
-    for name, module in model.named_modules():
-        if isinstance(module, OpenMoeSparseMLP):
-            if module.gate_weight is None:  # a layer of another pipeline stage
-                continue
-            layer = int(name.split(".")[-2])  # model.layers.{i}.mlp
-            device = module.gate_weight.device
-            experts = range(first_expert, first_expert + module.experts.num_experts)
-            module.reset_parameters(keyed_generator(device, seed, f"{name}.gate_weight"),
-                                    [keyed_generator(device, seed, "expert", layer, e) for e in experts])
-        elif not isinstance(module, GroupedExperts):  # an MoE layer's experts are drawn by the layer, above
-            # Linear, Embedding, RMSNorm (one tensor each: weight) and the rotary table (computed, not drawn).
-            tensor = next(chain(module.parameters(recurse=False), module.buffers(recurse=False)), None)
-            if tensor is not None:
-                model._init_weights(module, generator=keyed_generator(tensor.device, seed, f"{name}.weight"))
+def own_tensor(module: torch.nn.Module) -> torch.Tensor | None:
+    return next(chain(module.parameters(recurse=False), module.buffers(recurse=False)), None)
+
+
+def initialise(model: OpenMoeForCausalLM, name: str, module: torch.nn.Module, seed: int, first_expert: int) -> None:
+    """Initialise the module `name` of a rank model, each tensor (or expert) from its own keyed generator."""
+    device = own_tensor(module).device
+    if isinstance(module, OpenMoeSparseMLP):
+        layer = int(name.split(".")[-2])  # model.layers.{i}.mlp
+        experts = range(first_expert, first_expert + module.experts.num_experts)
+        module.reset_parameters(keyed_generator(device, seed, f"{name}.gate_weight"),
+                                [keyed_generator(device, seed, "expert", layer, e) for e in experts])
+    else:  # Linear, Embedding, RMSNorm (one tensor each: weight) and the rotary table (computed, not drawn)
+        model._init_weights(module, generator=keyed_generator(device, seed, f"{name}.weight"))
 
 
 def build_rank_model(config: OpenMoeConfig, *, seed: int, ep_rank: int = 0, ep_size: int = 1,
                      layers: tuple[int, int] | None = None, first: bool = True, last: bool = True,
-                     device="cpu") -> OpenMoeForCausalLM:
+                     device="cpu", dtype: torch.dtype = torch.float32) -> OpenMoeForCausalLM:
     """The model one rank holds, materialised on `device` and initialised from `seed`: its experts (EP rank
     ep_rank of ep_size), decoder layers [start, end) = `layers` (default: all), the embedding if `first`, the
     final norm and the head if `last`. Modules it does not hold keep no tensors (None), as after shardformer.
-    On device="meta" nothing is allocated or initialised (sizes only)."""
+    Initialised in fp32, then cast to `dtype` (bf16/fp16: the fp32 canonical values rounded, as casting the fp32
+    model would give). On device="meta" nothing is allocated or initialised (sizes only)."""
     if ep_size < 1 or config.num_experts % ep_size or not 0 <= ep_rank < ep_size:
         raise ValueError(f"EP rank {ep_rank} of {ep_size} cannot hold an equal share of {config.num_experts} experts")
     start, end = layers if layers is not None else (0, config.num_hidden_layers)
@@ -86,16 +86,23 @@ def build_rank_model(config: OpenMoeConfig, *, seed: int, ep_rank: int = 0, ep_s
         keep_experts(layer.experts, ep_rank * local, local)
     set_tensors_to_none(model, exclude=set(stage_modules(model, start, end, first, last)))
     device = torch.device(device)
-    model.to_empty(device=device)  # allocates only the tensors left: this rank's
-    if device.type != "meta":
-        with torch.no_grad():
-            initialise(model, seed, ep_rank * local)
+    # Module by module, so that only one module's tensors ever exist in fp32 and in `dtype` at once. Only the
+    # tensors left are allocated: this rank's. An MoE layer initialises its experts (GroupedExperts) itself.
+    for name, module in model.named_modules():
+        if own_tensor(module) is None or isinstance(module, GroupedExperts):
+            continue
+        module.to_empty(device=device, recurse=isinstance(module, OpenMoeSparseMLP))
+        if device.type != "meta":
+            with torch.no_grad():
+                initialise(model, name, module, seed, ep_rank * local)
+        module.to(dtype)
     return model
 
 
 def build_for_plugin(config: OpenMoeConfig, plugin, seed: int) -> OpenMoeForCausalLM:
     """build_rank_model for this process: its EP rank and pipeline stage as the plugin's shardformer policy will
-    see them (the EP group it slices experts over, the stage manager it splits layers with), on the accelerator."""
+    see them (the EP group it slices experts over, the stage manager it splits layers with), on the accelerator,
+    in the training precision (the module wrapper would cast it to that dtype next)."""
     group = plugin.shard_config.ep_group
     ep_rank, ep_size = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
     stages = plugin.stage_manager
@@ -104,5 +111,6 @@ def build_for_plugin(config: OpenMoeConfig, plugin, seed: int) -> OpenMoeForCaus
     else:
         layers = stage_layer_range(stages, config.num_hidden_layers)
         first, last = stages.is_first_stage(), stages.is_last_stage()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plugin.precision, torch.float32)
     return build_rank_model(config, seed=seed, ep_rank=ep_rank, ep_size=ep_size, layers=layers, first=first,
-                            last=last, device=get_accelerator().get_current_device())
+                            last=last, device=get_accelerator().get_current_device(), dtype=dtype)
