@@ -134,10 +134,12 @@ class OpenMoePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     @torch.no_grad()
-    def _init_weights(self, module):
+    def _init_weights(self, module, generator: torch.Generator | None = None):
+        """generator: where a Linear or Embedding weight draws from (default: the global one). An MoE layer draws
+        from the global generator here; parallel/rank_model.py passes it one generator per expert."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
+            nn.init.normal_(module.weight, std=std, generator=generator)
         elif isinstance(module, OpenMoeRMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, OpenMoeSparseMLP):

@@ -71,12 +71,22 @@ class GroupedExperts(nn.Module):
         self.wi_up = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.wo = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
 
-    def reset_parameters(self, scale: float) -> None:
-        # Switch-style fan-in scaled init (reference: normal(0, sqrt(0.1 / fan_in))).
+    def reset_parameters(self, scale: float, generators: list[torch.Generator] | None = None) -> None:
+        """Switch-style fan-in scaled init (reference: normal(0, sqrt(0.1 / fan_in))). generators: one per held
+        expert, drawing that expert's rows of wi_gate, wi_up and wo in turn, so an expert's initial weights do not
+        depend on how many others are held with it; None draws the whole tensors from the global generator."""
         hidden, inter = self.wi_up.shape[1], self.wi_up.shape[2]
-        nn.init.normal_(self.wi_gate, std=math.sqrt(scale / hidden))
-        nn.init.normal_(self.wi_up, std=math.sqrt(scale / hidden))
-        nn.init.normal_(self.wo, std=math.sqrt(scale / inter))
+        stds = [math.sqrt(scale / hidden), math.sqrt(scale / hidden), math.sqrt(scale / inter)]
+        weights = [self.wi_gate, self.wi_up, self.wo]
+        if generators is None:
+            for weight, std in zip(weights, stds):
+                nn.init.normal_(weight, std=std)
+            return
+        if len(generators) != self.wi_up.shape[0]:
+            raise ValueError(f"{len(generators)} generators for {self.wi_up.shape[0]} experts")
+        for e, generator in enumerate(generators):
+            for weight, std in zip(weights, stds):
+                nn.init.normal_(weight[e], std=std, generator=generator)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return expert_ffn(x, counts, self.wi_gate, self.wi_up, self.wo, self.impl)

@@ -70,9 +70,15 @@ class OpenMoeSparseMLP(nn.Module):
             self.expert_bias = bias.to(self.expert_bias.device)
         return self
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.gate_weight, std=math.sqrt(self.init_scale / self.gate_weight.shape[1]))
-        self.experts.reset_parameters(self.init_scale)
+    def reset_parameters(self, generator: torch.Generator | None = None,
+                         expert_generators: list[torch.Generator] | None = None) -> None:
+        """generator draws the gate, expert_generators each held expert (GroupedExperts.reset_parameters); None:
+        the global generator."""
+        nn.init.normal_(self.gate_weight, std=math.sqrt(self.init_scale / self.gate_weight.shape[1]),
+                        generator=generator)
+        self.experts.reset_parameters(self.init_scale, expert_generators)
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
 
     def capacity(self, num_tokens: int) -> int | None:
         if self.dispatch == "dropless":

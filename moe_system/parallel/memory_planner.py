@@ -107,6 +107,13 @@ def stage_params(cfg, layers: range, first: bool, last: bool) -> tuple[int, int]
     return dense, expert
 
 
+def rank_params(cfg, layers: range, first: bool, last: bool, ep: int) -> tuple[int, int]:
+    """(dense, expert) parameters one rank holds: its stage's dense ones and num_experts / ep experts of each of
+    the stage's MoE layers (what parallel/rank_model.py materialises)."""
+    dense, expert_all = stage_params(cfg, layers, first, last)
+    return dense, expert_all // cfg.num_experts * (cfg.num_experts // ep)
+
+
 def model_state_bytes(dense: int, expert_local: int, dp: int, moe_dp: int, zero_stage: int, precision: str) -> dict:
     """Weights, gradients, master weights and Adam moments held by one rank (see the module note)."""
     s = STATE_BYTES[precision]
@@ -209,13 +216,11 @@ def estimate(cfg: OpenMoeConfig, plugin: str, world: int, *, zero_stage: int = 0
     in_flight_max = num_microbatches or (batch_size // micro)
     factor = cfg.capacity_factor_train if cfg.dispatch == "capacity" and layout.ep > 1 else 1.0
     rows = cfg.router_topk * factor    # expert rows per token on this rank (balanced routing)
-    experts_local = cfg.num_experts // layout.ep
 
     best = None
     for stage, layers in enumerate(stage_layers(cfg.num_hidden_layers, layout.pp)):
         first, last = stage == 0, stage == layout.pp - 1
-        dense, expert_all = stage_params(cfg, layers, first, last)
-        expert_local = expert_all // cfg.num_experts * experts_local
+        dense, expert_local = rank_params(cfg, layers, first, last, layout.ep)
         states = model_state_bytes(dense, expert_local, layout.dp_size, layout.moe_dp, zero_stage, precision)
         # 1F1B: stage s holds the activations of up to (pp - s) micro-batches before its first backward.
         in_flight = min(layout.pp - stage, in_flight_max) if layout.pp > 1 else 1

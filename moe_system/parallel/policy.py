@@ -30,6 +30,18 @@ def stage_layer_range(stage_manager, num_layers: int) -> tuple[int, int]:
     return int(start), int(end)
 
 
+def stage_modules(model: OpenMoeForCausalLM, start: int, end: int, first: bool, last: bool) -> list:
+    """The modules a pipeline stage holds: the rotary table, decoder layers [start, end), the embedding on the
+    first stage, the final norm and the LM head on the last (parallel/rank_model.py builds only these)."""
+    inner = model.model
+    held = [inner.rotary_emb, *inner.layers[start:end]]
+    if first:
+        held.append(inner.embed_tokens)
+    if last:
+        held += [inner.norm, model.lm_head]
+    return held
+
+
 def pipeline_stage_forward(self: OpenMoeForCausalLM, input_ids=None, labels=None, hidden_states=None,
                            router_aux_sum=None, router_z_sum=None, num_items_in_batch=None, attention_mask=None,
                            stage_manager=None, stage_index=None, **kwargs):
@@ -91,14 +103,8 @@ class OpenMoePolicy(Policy):
         stage_manager = self.pipeline_stage_manager
         if stage_manager is None:
             return [self.model]
-        inner = self.model.model
-        start, end = stage_layer_range(stage_manager, len(inner.layers))
-        held = [inner.rotary_emb, *inner.layers[start:end]]
-        if stage_manager.is_first_stage():
-            held.append(inner.embed_tokens)
-        if stage_manager.is_last_stage():
-            held += [inner.norm, self.model.lm_head]
-        return held
+        start, end = stage_layer_range(stage_manager, len(self.model.model.layers))
+        return stage_modules(self.model, start, end, stage_manager.is_first_stage(), stage_manager.is_last_stage())
 
     def get_shared_params(self):
         return []  # untied embedding and head

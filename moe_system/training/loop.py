@@ -28,6 +28,7 @@ from ..parallel.checkpoint_io import load_pretrained_weights
 from ..parallel.config import ParallelConfig
 from ..parallel.launch import init_distributed
 from ..parallel.plugin import build_plugin
+from ..parallel.rank_model import build_for_plugin
 from ..parallel.rebalance import ExpertRebalancer, format_rebalance
 from . import interrupt
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
@@ -61,9 +62,12 @@ def build_model_config(args) -> OpenMoeConfig:
     return OpenMoeConfig.from_preset(args.model_name, **overrides)
 
 
-def build_model(args, config: OpenMoeConfig) -> OpenMoeForCausalLM:
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    return OpenMoeForCausalLM(config)  # --load_checkpoint's weights are loaded after boosting
+def build_model(args, config: OpenMoeConfig, plugin) -> OpenMoeForCausalLM:
+    torch.manual_seed(args.seed)  # the same random state on every rank afterwards
+    # Only this rank's experts and pipeline stage, on its device, initialised as the same seed initialises the
+    # whole model (parallel/rank_model.py). --load_checkpoint's weights replace them after boosting; initialising
+    # first costs little on the device and leaves nothing undefined.
+    return build_for_plugin(config, plugin, args.seed)
 
 
 def decay_groups(model, weight_decay: float) -> list[dict]:
@@ -119,7 +123,7 @@ def run_training(args, earlier_run: list[str]) -> dict:
     eval_records = {name: load_records(name, None, "heldout", skip_malformed=args.skip_malformed)
                     for name in eval_sources}  # {set name: records}
 
-    model = build_model(args, config)
+    model = build_model(args, config, plugin)
     if args.gradient_checkpointing:
         model.model.gradient_checkpointing = True
     counts = param_counts(config)
