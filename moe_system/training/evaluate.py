@@ -114,6 +114,7 @@ def pipeline_evaluate_loss(booster, model, batches, pp_group, device) -> dict:
     kept = {name: getattr(schedule, name) for name in _SCHEDULE_STATE}
     # Eval micro-batches may differ in shape from training's (a shorter last one): send shapes every time.
     schedule.enable_metadata_cache, schedule.tensor_metadata_recv, schedule.grad_metadata_recv = False, None, None
+    schedule.send_tensor_metadata = schedule.send_grad_metadata = True
     count = 0
     try:  # no_sync: execute_pipeline would otherwise all-reduce (zero-filled) gradients after the schedule
         with plain_lm_loss(lm.config), model.no_sync():
