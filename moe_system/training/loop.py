@@ -1,7 +1,9 @@
 """The training run: data, model, booster, the step loop, evaluation, checkpoints and the final model.
 
 Parallelism enters only through `build_plugin` (moe_system.parallel): the loop is the same for one CPU process
-and for expert-parallel runs across nodes.
+and for expert-parallel runs across nodes. The loop draws a step's batches, runs `train_step` and hands the
+outcome to the components that own the rest, each on its own cadence: metrics and the bar (TrainProgress),
+expert rebalancing, evaluation and checkpoints.
 """
 
 import json
@@ -121,8 +123,8 @@ def run_training(args, earlier_run: list[str]) -> dict:
         result = train_step(booster, model, optimizer, scheduler, micro_batches, plugin, device, after_update)
         data.count_tokens(micro_batches)
         state.record(result.outcome)
-        if result.outcome != OK:
-            progress.log_skip(state.step, state, WHAT_WAS_SKIPPED[result.outcome])
+        if result.outcome != OK:  # no update: counted, logged; K non-finite in a row stop the run
+            progress.log_skip(state, WHAT_WAS_SKIPPED[result.outcome])
             stop_if_diverging(state, WHAT_WAS_SKIPPED[result.outcome], args)
             continue
         progress.log_step(state.step, result.parts, scheduler.get_last_lr()[0])

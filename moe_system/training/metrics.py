@@ -87,7 +87,8 @@ class TrainProgress:
         if self.logger.enabled:  # tqdm.write prints even where the bar is disabled
             self.bar.write(line)
 
-    def log_skip(self, step: int, state, what: str) -> None:
+    def log_skip(self, state, what: str) -> None:
+        step = state.step
         if what == "overflow":  # fp16 loss scaler backed off: routine, not counted toward the limit
             self.logger.log(step, {"train/skipped_overflow": state.overflows})
             self.write(f"step {step + 1}: fp16 loss-scale overflow, update skipped")
