@@ -223,7 +223,7 @@ REFUSED = [
     (["--skip_malformed"], "the built-in data has no malformed records"),
     (["--dataset", "data/rows.jsonl", "--task_name", "cfg"], "names none (local files and built-in data"),
     (["--dataset", "synthetic", "--eval_interval", "8"], "--eval_interval: this run has no held-out set"),
-    (["--plugin", "hybrid", "--eval_interval", "5"], "a pipeline evaluates at the end only"),
+    (["--eval_batch_size", "0"], "--eval_batch_size must be at least 1"),
     (["--dataset", "synthetic", "--objective", "ul2"], "--objective does not apply to --dataset synthetic"),
     (["--packing", "pack", "--on_overlong", "truncate"], "--packing pack continues a long example"),
     (["--streaming", "--dataset", "x.jsonl", "--max_steps", "2", "--num_epoch", "2"], "drop --num_epoch"),

@@ -179,6 +179,15 @@ class ExpertRebalancer:
             metrics = {k: v for stage in stages for k, v in stage.items()}
         return metrics
 
+    def maybe_rebalance(self, step: int, every: int, last_step: int, progress) -> None:
+        """Every `every` steps but the last: re-place, log the metrics and print the new placement."""
+        if step % every or step >= last_step:
+            return
+        report = self.rebalance()
+        progress.logger.log(step, report)
+        if report:
+            progress.write(f"step {step}: experts re-placed by load\n" + format_rebalance(report))
+
 
 def format_rebalance(metrics: dict) -> str:
     """One console line per layer: rank imbalance before -> after and how many experts moved."""

@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_interval", type=int, default=10, help="steps between metric records")
     g.add_argument("--eval_interval", type=int, default=0, help="steps between evaluations (0: at the end only)")
     g.add_argument("--eval_samples", type=int, default=200, help="held-out examples used for exact match")
+    g.add_argument("--eval_batch_size", type=int, default=8, help="held-out rows per evaluation forward (bounds "
+                   "evaluation memory)")
     g.add_argument("--wandb_project", default=None, help="also log to Weights & Biases (needs `pip install wandb`)")
     g.add_argument("--peak_tflops", type=float, default=None,
                    help="per-device peak for MFU (default: 989 on H100-class GPUs, none on CPU)")
@@ -187,6 +189,7 @@ RANGES = {
     "log_interval": at_least(1),
     "eval_interval": at_least(0, "0 evaluates at the end only"),
     "eval_samples": at_least(1),
+    "eval_batch_size": at_least(1),
     "peak_tflops": above(0),
 }
 
@@ -268,8 +271,6 @@ def conflicts(args, given: set[str]):
     if args.eval_interval and not eval_names:
         yield "--eval_interval: this run has no held-out set (only --dataset bundled brings one); pass " \
               "--eval_dataset or drop --eval_interval"
-    if args.eval_interval and pipeline:
-        yield "--eval_interval: a pipeline evaluates at the end only (from the saved model); drop --eval_interval"
 
 
 def check_against_model(args) -> str | None:

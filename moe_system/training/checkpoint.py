@@ -364,3 +364,35 @@ def save_final_model(booster, model, tokenizer, path: str) -> None:
                         os.fsync(written.fileno())
             publish(partial, path)
     dist.barrier()
+
+
+class Checkpointer:
+    """A run's checkpoints: every --save_interval steps, when it stops, and at the end. A save right after
+    another at the same step (a stop just after a periodic save) returns the one already written."""
+
+    def __init__(self, booster, model, optimizer, scheduler, tokenizer, args, layout, data, dp_group,
+                 replacing: list[str]):
+        self.booster, self.model, self.optimizer, self.scheduler = booster, model, optimizer, scheduler
+        self.tokenizer, self.args, self.layout, self.data, self.dp_group = tokenizer, args, layout, data, dp_group
+        self.replacing = replacing  # an earlier run's outputs, deleted once the first checkpoint is in place
+        self.saved = (None, None)  # (step, path) of the last checkpoint
+
+    def resume(self, path: str, state) -> None:
+        saved = load_checkpoint(self.booster, self.model, self.optimizer, self.scheduler, path)
+        state.load_state_dict(saved)
+        self.data.load_state_dict(saved, state.consumed, self.dp_group)
+
+    def maybe_save(self, state) -> None:
+        if state.step % self.args.save_interval == 0 and state.step < self.data.total_steps:
+            self.save(state)
+
+    def save(self, state) -> str:
+        if self.saved[0] == state.step:
+            return self.saved[1]
+        trainer_state = {**state.state_dict(), "args": vars(self.args), "layout": self.layout.describe(),
+                         **self.data.state_dict(state.consumed, self.dp_group)}
+        path = save_checkpoint(self.booster, self.model, self.optimizer, self.scheduler, self.tokenizer,
+                               self.args.output_path, trainer_state, self.args.save_total_limit or None,
+                               replacing=self.replacing)
+        self.saved = state.step, path
+        return path

@@ -2,13 +2,20 @@
 
 Decoding runs a fixed number of steps on every rank (no early exit), because with expert parallelism every
 forward is a collective: ranks that stopped early would leave the others waiting in an all-to-all.
+
+Memory: the loss never materialises full-vocabulary logits (chunked over tokens), prompts are prefilled keeping
+only the last position's logits, and batches hold --eval_batch_size rows. With a pipeline every stage evaluates
+its own layers through the schedule (forward only); greedy decoding is not run there.
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
-from ..data import prompt_ids
+from ..data import build_dataset, load_records, prompt_ids
+from ..data.mixture import source_label
 from ..model.loss import chunked_lm_loss
 
 
@@ -23,7 +30,7 @@ def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int, d
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)  # not [B, T, vocab]
     generated = []
     for _ in range(max_new_tokens):
         next_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)
@@ -40,7 +47,7 @@ def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int, d
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, records: list[dict], device, batch_size: int = 64) -> float:
+def exact_match(model, tokenizer, records: list[dict], device, batch_size: int = 8) -> float:
     """Fraction of prompt/completion records whose greedy completion equals the reference (whitespace-trimmed)."""
     was_training = model.training
     model.eval()
@@ -65,8 +72,113 @@ def evaluate_loss(model, batches, device) -> dict:
         labels = batch["labels"].to(device)
         hidden = lm.model(batch["input_ids"].to(device)).last_hidden_state
         n = int((labels[:, 1:] != -100).sum())
-        total += chunked_lm_loss(hidden, lm.lm_head.weight, labels, num_items=1).item()
+        total += chunked_lm_loss(hidden, lm.lm_head.weight, labels, chunk_tokens=lm.config.loss_chunk_tokens,
+                                 num_items=1).item()
         count += n
     lm.train(was_training)
     loss = total / max(count, 1)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+# The 1F1B schedule's per-batch bookkeeping, which a forward-only pass of another batch size would change.
+_SCHEDULE_STATE = ("num_microbatches", "last_batch_size", "enable_metadata_cache", "send_tensor_metadata",
+                   "send_grad_metadata", "tensor_metadata_recv", "grad_metadata_recv")
+
+
+@contextmanager
+def plain_lm_loss(config):
+    """The model's loss without label smoothing and z-loss while evaluating: the held-out loss is the plain
+    cross-entropy on every layout."""
+    kept = config.label_smoothing, config.z_loss_factor
+    config.label_smoothing, config.z_loss_factor = 0.0, 0.0
+    try:
+        yield
+    finally:
+        config.label_smoothing, config.z_loss_factor = kept
+
+
+@torch.no_grad()
+def pipeline_evaluate_loss(booster, model, batches, pp_group, device) -> dict:
+    """evaluate_loss through the pipeline schedule, forward only: each stage runs its own layers and the last
+    one the loss; every rank returns the same numbers. Collective over the whole world (every rank evaluates
+    every batch: data-parallel replicas the same rows, so that expert-parallel all-to-alls pair up)."""
+    lm, schedule = model.unwrap(), booster.plugin.scheduler
+    was_training = lm.training
+    model.eval()
+    sums = []  # last stage: the summed token losses of each micro-batch
+
+    def criterion(out, _micro_batch):
+        sums.append(out.lm_loss.detach().float())
+        return out.lm_loss
+
+    kept = {name: getattr(schedule, name) for name in _SCHEDULE_STATE}
+    # Eval micro-batches may differ in shape from training's (a shorter last one): send shapes every time.
+    schedule.enable_metadata_cache, schedule.tensor_metadata_recv, schedule.grad_metadata_recv = False, None, None
+    schedule.send_tensor_metadata = schedule.send_grad_metadata = True
+    count = 0
+    try:  # no_sync: execute_pipeline would otherwise all-reduce (zero-filled) gradients after the schedule
+        with plain_lm_loss(lm.config), model.no_sync():
+            for batch in batches:
+                count += int((batch["labels"][:, 1:] != -100).sum())
+                batch = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device),
+                         "num_items_in_batch": 1.0}  # a sum over tokens; not a tensor: given whole to each
+                booster.execute_pipeline(iter([batch]), model, criterion, optimizer=None, return_loss=True)
+    finally:
+        for name, value in kept.items():
+            setattr(schedule, name, value)
+        lm.train(was_training)
+    total = torch.stack(sums).sum() if sums else torch.zeros((), device=device)
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(total, group=pp_group)
+    loss = total.item() / max(count, 1)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def load_eval_sets(args) -> dict:
+    """{set name: held-out records}: --eval_dataset's sets, or the bundled held-out split with --dataset bundled."""
+    names = args.eval_dataset.split(",") if args.eval_dataset else (["bundled"] if args.dataset == "bundled" else [])
+    return {name: load_records(name, None, "heldout", skip_malformed=args.skip_malformed) for name in names}
+
+
+class Evaluator:
+    """Held-out loss/perplexity (and exact match for prompt/completion sets) of each set, every --eval_interval
+    steps and at the end; one set keeps the plain eval/... names, several are reported as eval/<set>/...
+    Every rank takes part: with EP or a pipeline each forward is a collective."""
+
+    def __init__(self, booster, model, tokenizer, eval_sets: dict, args, device, progress):
+        self.booster, self.model, self.tokenizer, self.sets = booster, model, tokenizer, eval_sets
+        self.args, self.device, self.progress = args, device, progress
+        self.pipeline = booster.plugin.pp_size > 1
+        self.noted = False
+
+    def maybe_eval(self, step: int) -> None:
+        if self.args.eval_interval and step % self.args.eval_interval == 0 and self.sets:
+            self.progress.logger.log(step, self.evaluate())
+
+    def evaluate(self) -> dict:
+        if len(self.sets) == 1:
+            return self.evaluate_set(next(iter(self.sets.values())))
+        results = {}
+        for name, records in self.sets.items():
+            for key, value in self.evaluate_set(records).items():
+                results[key.replace("eval/", f"eval/{source_label(name)}/", 1)] = value
+        return results
+
+    def evaluate_set(self, records: list[dict]) -> dict:
+        subset = records[:self.args.eval_samples]
+        rows = build_dataset(subset, self.tokenizer, self.args.max_length, mode="pad", on_overlong="truncate")
+        batches = torch.utils.data.DataLoader(rows, batch_size=self.args.eval_batch_size)
+        if self.pipeline:
+            result = pipeline_evaluate_loss(self.booster, self.model, batches, self.booster.plugin.pp_group,
+                                            self.device)
+        else:
+            result = evaluate_loss(self.model, batches, self.device)
+        if all("prompt" in r for r in subset):
+            if not self.pipeline:
+                result["eval/exact_match"] = exact_match(self.model, self.tokenizer, subset, self.device,
+                                                         self.args.eval_batch_size)
+            elif not self.noted:  # greedy decoding would need the whole model on one device
+                self.progress.write("note: exact match is not evaluated with a pipeline (--plugin hybrid); "
+                                    "run infer.py on the saved model for it")
+                self.noted = True
+        return result

@@ -6,6 +6,7 @@ plus the max/mean imbalance ratio, so a collapsing router is visible while the r
 
 import json
 import os
+import time
 
 import torch
 
@@ -64,3 +65,65 @@ class MetricsLogger:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class TrainProgress:
+    """The console bar, the skip lines and the metrics of each logged step. Throughput is measured over the
+    window of steps since the last logged one; tok_s counts every token processed, tgt_tok_s the target
+    (loss-bearing) tokens among them."""
+
+    def __init__(self, logger: MetricsLogger, bar, log_interval: int, total_steps: int, tokens_per_step: int,
+                 load_meter, extra_stats, flops_per_token: float, peak_flops: float | None):
+        self.logger, self.bar, self.log_interval, self.total_steps = logger, bar, log_interval, total_steps
+        self.tokens_per_step, self.load_meter, self.extra_stats = tokens_per_step, load_meter, extra_stats
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # peak: the whole world's, or None
+        self.last_loss, self.last_load = None, {}
+        self._start_window()
+
+    def _start_window(self) -> None:
+        self.window_tokens, self.window_start, self.window_steps = 0.0, time.perf_counter(), 0
+
+    def write(self, line: str) -> None:
+        if self.logger.enabled:  # tqdm.write prints even where the bar is disabled
+            self.bar.write(line)
+
+    def log_skip(self, state, what: str) -> None:
+        step = state.step
+        if what == "overflow":  # fp16 loss scaler backed off: routine, not counted toward the limit
+            self.logger.log(step, {"train/skipped_overflow": state.overflows})
+            self.write(f"step {step + 1}: fp16 loss-scale overflow, update skipped")
+            return
+        self.logger.log(step, {"train/skipped_nonfinite": state.skipped})
+        self.write(f"step {step + 1}: non-finite {what}, update skipped ({state.bad_in_a_row} in a row)")
+
+    def log_step(self, step: int, parts: dict, lr: float) -> None:
+        loss = parts["lm_loss"].item()
+        self.last_loss = loss
+        self.window_steps += 1
+        self.window_tokens += parts["tokens"].item()
+        seconds = max(time.perf_counter() - self.window_start, 1e-9)
+        tokens_per_s = self.window_tokens / seconds
+        self.bar.set_postfix(loss=f"{loss:.4f}", aux=f"{parts['aux_loss'].item():.3f}",
+                             tok_s=f"{self.tokens_per_step * self.window_steps / seconds:,.0f}",
+                             tgt_tok_s=f"{tokens_per_s:,.0f}")
+        self.bar.update(1)
+        if not (step % self.log_interval == 0 or step in (1, self.total_steps)):
+            return
+        elapsed = time.perf_counter() - self.window_start
+        record = {"train/lm_loss": loss, "train/aux_loss": parts["aux_loss"],
+                  "train/router_z_loss": parts["router_z_loss"], "lr": lr,
+                  "perf/target_tokens_per_s": tokens_per_s,
+                  "perf/tokens_per_s": self.tokens_per_step * self.window_steps / max(elapsed, 1e-9),
+                  **self.load_meter.stats(), **self.extra_stats()}  # extra_stats may be a collective: every rank
+        if self.peak_flops:
+            record["perf/mfu"] = record["perf/tokens_per_s"] * self.flops_per_token / self.peak_flops
+        if torch.cuda.is_available():
+            record["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.logger.log(step, record)
+        self.last_load = self.load_meter.stats()
+        self.load_meter.reset()
+        self._start_window()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 import moe_system.training.checkpoint as checkpoint_module
-import moe_system.training.loop as loop
+import moe_system.training.step as step_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,8 +58,8 @@ def inject_inf_gradients(calls: set[int], ranks: set[int]) -> None:
             return forward_backward(booster, model, optimizer, micro_batches, *rest)
         return wrapped
 
-    loop.forward_backward = wrap(loop.forward_backward)
-    loop.pipeline_forward_backward = wrap(loop.pipeline_forward_backward)
+    step_module.forward_backward = wrap(step_module.forward_backward)
+    step_module.pipeline_forward_backward = wrap(step_module.pipeline_forward_backward)
 
 
 def kill_in_save(nth: int) -> None:
@@ -88,7 +88,7 @@ def signal_in_save(nth: int) -> None:
 
 
 def kill_after_save(nth: int) -> None:
-    save_checkpoint, count = loop.save_checkpoint, [0]
+    save_checkpoint, count = checkpoint_module.save_checkpoint, [0]
 
     def save_then_die(*args, **kwargs):
         path = save_checkpoint(*args, **kwargs)  # ends with a barrier: every rank published
@@ -97,7 +97,7 @@ def kill_after_save(nth: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return path
 
-    loop.save_checkpoint = save_then_die
+    checkpoint_module.save_checkpoint = save_then_die
 
 
 def kill_in_publish(step: int) -> None:
@@ -112,7 +112,7 @@ def kill_in_publish(step: int) -> None:
 
 
 def disk_full_in_save(nth: int) -> None:
-    save_checkpoint, save, count = loop.save_checkpoint, torch.save, [0]
+    save_checkpoint, save, count = checkpoint_module.save_checkpoint, torch.save, [0]
 
     def full_save(obj, f, *args, **kwargs):
         if count[0] != nth:
@@ -126,7 +126,7 @@ def disk_full_in_save(nth: int) -> None:
         return save_checkpoint(*args, **kwargs)
 
     torch.save = full_save
-    loop.save_checkpoint = counting_save_checkpoint
+    checkpoint_module.save_checkpoint = counting_save_checkpoint
 
 
 def fake_free_space(free: int) -> None:
