@@ -23,7 +23,9 @@ from pathlib import Path
 
 from colossalai.booster import Booster
 
+import moe_system.training.checkpoint as checkpoint
 import moe_system.training.loop as loop
+from moe_system.parallel.checkpoint_io import OpenMoeCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[2]
 peaks: dict[str, float] = {}
@@ -81,8 +83,10 @@ def main() -> None:
     for loader in ("load_pretrained_weights", "load_any_checkpoint"):  # the latter: before boosting, in older trees
         if hasattr(loop, loader):
             setattr(loop, loader, phase(getattr(loop, loader), "load"))
-    loop.load_checkpoint = phase(loop.load_checkpoint, "resume")
-    loop.save_checkpoint = phase(loop.save_checkpoint, "save", before="train")
+    checkpoint.load_checkpoint = phase(checkpoint.load_checkpoint, "resume")
+    # The model's weights alone, inside either load (the optimizer's state, read next, would hide a whole-model read)
+    OpenMoeCheckpointIO.load_sharded_model = phase(OpenMoeCheckpointIO.load_sharded_model, "model_load")
+    checkpoint.save_checkpoint = phase(checkpoint.save_checkpoint, "save", before="train")
     loop.save_final_model = phase(loop.save_final_model, "save", before="train")
     sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
     runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
