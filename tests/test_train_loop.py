@@ -133,3 +133,19 @@ def test_pipeline_evaluates_through_the_schedule_like_one_process(tmp_path):
     assert len(periodic) == 2 and periodic[1] == pytest.approx(want, rel=1e-5)  # training went on after step 1's
     assert summary["eval/loss"] == pytest.approx(want, rel=1e-5) and "eval/exact_match" not in summary
     assert (result.stdout + result.stderr).count("exact match is not evaluated with a pipeline") == 1
+
+
+def test_a_resumed_run_takes_the_architecture_its_checkpoint_saved(tmp_path):
+    """A run started from --load_checkpoint of a model no preset describes resumes as that model (train.py refuses
+    --load_checkpoint beside --resume, so the preset would otherwise be built and fail to load)."""
+    from moe_system.model import OpenMoeConfig
+    from moe_system.training.args import parse_args
+    from moe_system.training.loop import build_model_config
+
+    saved = OpenMoeConfig.from_preset("tiny", num_experts=6, hidden_size=48)
+    saved.save_pretrained(tmp_path / "checkpoint-3" / "model")
+    args = parse_args(["--model_name", "tiny", "--output_path", str(tmp_path), "--router_aux_loss_factor", "0.5"])
+    config = build_model_config(args, resume_from=str(tmp_path / "checkpoint-3"))
+    assert (config.num_experts, config.hidden_size) == (6, 48)
+    assert config.router_aux_loss_factor == 0.5  # the run's flags still apply
+    assert build_model_config(args).num_experts == OpenMoeConfig.from_preset("tiny").num_experts

@@ -45,15 +45,19 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def build_model_config(args) -> OpenMoeConfig:
+def build_model_config(args, resume_from: str | None = None) -> OpenMoeConfig:
+    """The preset, or the architecture of the checkpoint the run starts from (--load_checkpoint) or continues
+    (--resume: the model it saved, whatever preset or checkpoint the run began with), with the router and loss
+    flags applied."""
     overrides = dict(router_aux_loss_factor=args.router_aux_loss_factor, router_z_loss_factor=args.router_z_loss_factor,
                      z_loss_factor=args.z_loss_factor, label_smoothing=args.label_smoothing)
     for name in ("dispatch", "router_topk", "router_noise", "router_renormalize", "router_fp32",
                  "router_bias_update_rate", "expert_init_scale"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    if args.load_checkpoint:
-        config = checkpoint_config(args.load_checkpoint)  # ours, or a released Colossal/remote-code/T5X layout
+    source = os.path.join(resume_from, "model") if resume_from else args.load_checkpoint
+    if source:
+        config = checkpoint_config(source)  # ours, or a released Colossal/remote-code/T5X layout
         for key, value in overrides.items():
             setattr(config, key, value)
         return config
@@ -84,11 +88,11 @@ def train(args) -> dict:
 
 
 def run_training(args, earlier_run: list[str]) -> dict:
-    config = build_model_config(args)
+    resume_from = resolve_resume(args.resume, args.output_path) if args.resume else None
+    config = build_model_config(args, resume_from)
     plugin, layout = build_plugin(ParallelConfig.from_args(args), config)
     booster = Booster(plugin=plugin)
     device = get_accelerator().get_current_device()
-    resume_from = resolve_resume(args.resume, args.output_path) if args.resume else None
     tokenizer = load_tokenizer(args.tokenizer, vocab_size=config.vocab_size)
     data = build_train_data(args, tokenizer, config, plugin, layout)
     eval_sets = load_eval_sets(args)

@@ -7,11 +7,11 @@ resident from before plus what the phase itself adds. Phases, in MiB, written to
   startup   building and boosting the model
   load      --load_checkpoint (a released layout is converted by LOCAL_RANK 0 in this phase)
   resume    --resume: model, optimizer, scheduler and RNG states
+  model_load  the model's weights alone, inside load or resume (the checkpoint IO's sharded reader)
   train     the steps since the last phase (optimizer states are created at the first)
   save      a checkpoint, or the final model
 
-Usage: torchrun ... tests/workers/memory_phases.py TRAIN_ARGS. With MEMORY_MODEL_CONFIG (a directory with our
-config.json), a --resume builds that architecture instead of the --model_name preset.
+Usage: torchrun ... tests/workers/memory_phases.py TRAIN_ARGS.
 """
 
 import json
@@ -57,14 +57,6 @@ def phase(function, name: str, before: str | None = None):
 
 
 def main() -> None:
-    build_model_config = loop.build_model_config
-
-    def config_of_the_resumed_run(args):
-        if args.resume and os.environ.get("MEMORY_MODEL_CONFIG"):
-            return loop.OpenMoeConfig.from_pretrained(os.environ["MEMORY_MODEL_CONFIG"])
-        return build_model_config(args)
-
-    loop.build_model_config = config_of_the_resumed_run
     build_model = loop.build_model
 
     def build_model_after_overhead(*args, **kwargs):
@@ -80,9 +72,7 @@ def main() -> None:
         return result
 
     Booster.boost = boost_then_startup
-    for loader in ("load_pretrained_weights", "load_any_checkpoint"):  # the latter: before boosting, in older trees
-        if hasattr(loop, loader):
-            setattr(loop, loader, phase(getattr(loop, loader), "load"))
+    loop.load_pretrained_weights = phase(loop.load_pretrained_weights, "load")
     checkpoint.load_checkpoint = phase(checkpoint.load_checkpoint, "resume")
     # The model's weights alone, inside either load (the optimizer's state, read next, would hide a whole-model read)
     OpenMoeCheckpointIO.load_sharded_model = phase(OpenMoeCheckpointIO.load_sharded_model, "model_load")
