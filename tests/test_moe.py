@@ -86,6 +86,99 @@ def test_grouped_mm_equals_per_expert_loop(dtype, tol):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
+def expert_case(counts, dtype, hidden=64, inter=96):
+    torch.manual_seed(0)
+    num = len(counts)
+    x = torch.randn(sum(counts), hidden, dtype=dtype)
+    weights = [torch.randn(num, hidden, 2 * inter) * 0.1, torch.randn(num, hidden, inter) * 0.1,
+               torch.randn(num, inter, hidden) * 0.1]
+    return torch.tensor(counts), x, [w.to(dtype) for w in weights], torch.randn(x.shape).to(dtype)
+
+
+def expert_results(counts, x, weights, grad_out, **kwargs):
+    """expert_ffn's output and the gradients of x, wi_gate, wi_up and wo."""
+    xi = x.detach().clone().requires_grad_()
+    ws = [w.detach().clone().requires_grad_() for w in weights]
+    y = expert_ffn(xi, counts, *ws, **kwargs)
+    y.backward(grad_out)
+    return [y, xi.grad, *(w.grad for w in ws)]
+
+
+# bf16: each of the few roundings on the way is off by up to 2^-9 of a value; a wrong row or expert is off by O(1).
+EXPERT_TOLS = {torch.float32: 1e-6, torch.bfloat16: 2e-2}
+DROPLESS_COUNTS = [5, 0, 17, 3, 0, 9, 1, 13]  # uneven, with experts that get no rows
+CAPACITY_COUNTS = [6] * 8                      # capacity-mode expert parallelism: every expert gets cap rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts", [DROPLESS_COUNTS, CAPACITY_COUNTS, [0] * 4], ids=["dropless", "capacity", "empty"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "bmm"])
+def test_expert_paths_equal_per_expert_loop(impl, counts, dtype):
+    case = expert_case(counts, dtype)
+    tol = EXPERT_TOLS[dtype]
+    for a, b in zip(expert_results(*case, impl=impl), expert_results(*case, impl="loop")):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def test_known_equal_counts_run_one_batched_gemm_without_a_host_sync(monkeypatch):
+    import moe_system.moe.experts as experts
+    case = expert_case(CAPACITY_COUNTS, torch.float32, hidden=60)  # 60 fp32: not 16-byte aligned, no grouped GEMM
+    reference = expert_results(*case, impl="loop")
+
+    def no_sync(*args):
+        raise AssertionError("host sync")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    monkeypatch.setattr(experts, "_per_expert", no_sync)
+    for a, b in zip(expert_results(*case, rows_per_expert=6), reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("counts,batched", [(DROPLESS_COUNTS, True), ([200, 0, 3], False)])
+def test_fallback_pads_small_experts_into_one_batched_gemm(monkeypatch, counts, batched):
+    """Without grouped GEMM: experts of at most PAD_ROWS rows go through one padded bmm, larger ones the loop."""
+    import moe_system.moe.experts as experts
+    monkeypatch.setattr(experts, "grouped_mm_supported", lambda *a: False)
+    loops = []
+    real = experts._per_expert
+    monkeypatch.setattr(experts, "_per_expert", lambda *a: loops.append(1) or real(*a))
+    case = expert_case(counts, torch.float32)
+    out = expert_results(*case)
+    assert bool(loops) != batched
+    for a, b in zip(out, expert_results(*case, impl="loop")):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["auto", "bmm"])
+def test_autocast_runs_gate_and_up_as_one_gemm(monkeypatch, impl):
+    """Under autocast the weights are cast each call anyway; gate and up, cast side by side, are one GEMM. Same
+    values as the two projections on the cast weights, and fp32 gradients for the fp32 parameters."""
+    import moe_system.moe.experts as experts
+    counts, x, weights, grad_out = expert_case(DROPLESS_COUNTS, torch.float32)
+    widths = []
+    real_grouped, real_bmm = experts._grouped, torch.bmm
+    monkeypatch.setattr(experts, "_grouped", lambda a, w, o: widths.append(w.shape[-1]) or real_grouped(a, w, o))
+    monkeypatch.setattr(torch, "bmm", lambda a, w: widths.append(w.shape[-1]) or real_bmm(a, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = expert_results(counts, x, weights, grad_out, impl=impl)
+    assert widths == [3 * 96, 64]  # [E, H, 3I] then wo, where the two projections made three GEMMs
+    monkeypatch.undo()
+    bf16 = [t.bfloat16() for t in (x, *weights)]
+    separate = expert_results(counts, bf16[0], bf16[1:], grad_out.bfloat16(), impl="loop")
+    assert fused[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in fused[1:])
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_swiglu_without_grad_matches_the_autograd_version():
+    torch.manual_seed(0)
+    gate, up = torch.randn(7, 2 * 5), torch.randn(7, 5)
+    expected = swiglu3(gate.clone().requires_grad_(), up.clone())
+    with torch.no_grad():
+        torch.testing.assert_close(swiglu3(gate.clone(), up.clone()), expected.detach(), rtol=1e-6, atol=1e-6)
+
+
 def test_aux_loss_balanced_value_and_z_loss():
     # Uniform router: every expert gets the same share; aux = E * sum f*P = k.
     x = torch.randn(64, 16)

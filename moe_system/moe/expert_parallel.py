@@ -89,11 +89,12 @@ class AllToAllDispatch:
             return self._dropless_exchange(experts, rows, plan)
         return self._capacity_exchange(experts, rows, plan, cap)
 
-    def _local_experts(self, experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _local_experts(self, experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor,
+                       rows_per_expert: int | None = None) -> torch.Tensor:
         scale = 1.0 / self.ep_size
         weights = [scale_grad(w, scale) for w in (experts.wi_gate, experts.wi_up, experts.wo)]
         if x.shape[0] > 0:
-            return expert_ffn(x, counts, *weights, impl=experts.impl)
+            return expert_ffn(x, counts, *weights, impl=experts.impl, rows_per_expert=rows_per_expert)
         # No row of this exchange (or of this chunk of it) reached a local expert: still give every expert weight
         # a (zero) gradient, so each rank reduces the same set of gradients in the same order (ZeRO-2 otherwise
         # waits forever).
@@ -140,7 +141,7 @@ class AllToAllDispatch:
             size = bounds[j + 1] - bounds[j]
             expert_major = received.view(ep, local, size, hidden).transpose(0, 1).reshape(-1, hidden)
             counts = torch.full((local,), ep * size, dtype=torch.long, device=rows.device)
-            out = self._local_experts(experts, expert_major, counts)
+            out = self._local_experts(experts, expert_major, counts, rows_per_expert=ep * size)
             return out.view(local, ep, size, hidden).transpose(0, 1).reshape(-1, hidden)
 
         returned = self._overlapped_exchange(chunks, equal, equal, through_experts)

@@ -14,7 +14,26 @@ import torch.nn.functional as F
 def swiglu3(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """OpenMoE's activation: the 2I-wide gate splits into a linear half and a SiLU half, times the up projection."""
     linear, gated = gate.chunk(2, dim=-1)
-    return linear * F.silu(gated) * up
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return linear * F.silu(gated) * up
+    # No backward to feed (inference): work in the projections' own memory instead of three [N, I] temporaries.
+    return up.mul_(F.silu(gated, inplace=True).mul_(linear))
+
+
+class _CastSideBySide(torch.autograd.Function):
+    """wi_gate [E, H, 2I] and wi_up [E, H, I] cast into one [E, H, 3I] tensor of `dtype`, in one pass."""
+
+    @staticmethod
+    def forward(ctx, wi_gate, wi_up, dtype):
+        wi = wi_gate.new_empty(*wi_gate.shape[:-1], wi_gate.shape[-1] + wi_up.shape[-1], dtype=dtype)
+        wi[..., :wi_gate.shape[-1]].copy_(wi_gate)
+        wi[..., wi_gate.shape[-1]:].copy_(wi_up)
+        ctx.split, ctx.dtypes = wi_gate.shape[-1], (wi_gate.dtype, wi_up.dtype)
+        return wi
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[..., :ctx.split].to(ctx.dtypes[0]), grad[..., ctx.split:].to(ctx.dtypes[1]), None
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -34,30 +53,70 @@ def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> to
 
 
 def _per_expert(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    # Reference path: one matmul per expert (a host sync for the counts). Used where grouped_mm is unavailable.
+    # Reference path: one matmul per expert (a host sync for the counts).
     outs = [rows @ weight[e] for e, rows in enumerate(x.split(counts))]
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[-1])
 
 
+def _through(x: torch.Tensor, weights_in: tuple, wo: torch.Tensor, mm) -> torch.Tensor:
+    """The SwiGLU FFN with mm(rows, weight) as its GEMM; weights_in: (wi_gate, wi_up) or their side-by-side wi."""
+    if len(weights_in) == 1:
+        gate_up = mm(x, weights_in[0])
+        inter = gate_up.shape[-1] // 3
+        hidden = swiglu3(gate_up[..., :2 * inter], gate_up[..., 2 * inter:])
+    else:
+        hidden = swiglu3(*(mm(x, w) for w in weights_in))
+    return mm(hidden, wo)
+
+
+# Up to one GEMM tile of rows (128) an expert's GEMM reads all of its weights for at most as many flops per byte as
+# a GPU's balance point (A100: ~150 bf16 flop/B), so its time is that read: padding every expert to the largest
+# one's rows costs no time, and one batched GEMM replaces a launch per expert. Above it, padding costs compute.
+PAD_ROWS = 128
+
+
+def _padded_bmm(x: torch.Tensor, counts: torch.Tensor, rows: int, weights_in: tuple, wo: torch.Tensor):
+    """Every expert's rows zero-padded to `rows`, through torch.bmm: zero rows give zero outputs and gradients."""
+    num_experts, width = counts.shape[0], x.shape[-1]
+    if x.shape[0] == num_experts * rows:  # every expert has exactly `rows`: no padding, no index
+        return _through(x.view(num_experts, rows, width), weights_in, wo, torch.bmm).view(x.shape[0], wo.shape[-1])
+    starts = torch.cumsum(counts, 0) - counts
+    expert = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts, output_size=x.shape[0])
+    slot = expert * rows + torch.arange(x.shape[0], device=x.device) - starts[expert]
+    padded = x.new_zeros(num_experts * rows, width).index_copy(0, slot, x)
+    out = _through(padded.view(num_experts, rows, width), weights_in, wo, torch.bmm)
+    return out.view(num_experts * rows, wo.shape[-1]).index_select(0, slot)
+
+
 def expert_ffn(x: torch.Tensor, counts: torch.Tensor, wi_gate: torch.Tensor, wi_up: torch.Tensor,
-               wo: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Rows x [N, H], sorted so that expert e owns the next counts[e] rows, through each row's expert -> [N, H]."""
+               wo: torch.Tensor, impl: str = "auto", rows_per_expert: int | None = None) -> torch.Tensor:
+    """Rows x [N, H], sorted so that expert e owns the next counts[e] rows, through each row's expert -> [N, H].
+
+    rows_per_expert: the callers that know every count equals it without a host sync (capacity-mode expert
+    parallelism) say so; the fallback then needs none. impl: auto, grouped_mm, bmm (padded batched GEMM) or loop
+    (one GEMM per expert, the reference)."""
+    weights_in = (wi_gate, wi_up)
     if torch.is_autocast_enabled(x.device.type):
         # Do what autocast does for a matmul (it does not cover torch._grouped_mm): compute in its dtype. Without
         # this, bf16 activations meet fp32 weights and grouped GEMM would be skipped for the per-expert loop.
+        # The cast copies the weights anyway: written side by side, gate and up are one GEMM at no extra cost.
+        # (Weights already in the compute dtype are not put side by side: that copy would cost a weight read and
+        # write each call, more than the one launch and one read of x it would save.)
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, wi_gate, wi_up, wo = (t.to(dtype) for t in (x, wi_gate, wi_up, wo))
-    if impl == "auto":
-        impl = "grouped_mm" if grouped_mm_supported(x, wi_gate) and grouped_mm_supported(x, wo) else "loop"
-    if impl == "grouped_mm":
+        x, wo = x.to(dtype), wo.to(dtype)
+        weights_in = (_CastSideBySide.apply(wi_gate, wi_up, dtype),)
+    if impl not in ("auto", "grouped_mm", "bmm", "loop"):
+        raise ValueError(f"unknown expert implementation {impl!r}; use auto, grouped_mm, bmm or loop")
+    if impl == "grouped_mm" or (impl == "auto" and all(grouped_mm_supported(x, w) for w in (*weights_in, wo))):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        hidden = swiglu3(_grouped(x, wi_gate, offsets), _grouped(x, wi_up, offsets))
-        return _grouped(hidden, wo, offsets)
-    if impl == "loop":
-        sizes = counts.tolist()
-        hidden = swiglu3(_per_expert(x, wi_gate, sizes), _per_expert(x, wi_up, sizes))
-        return _per_expert(hidden, wo, sizes)
-    raise ValueError(f"unknown expert implementation {impl!r}; use auto, grouped_mm or loop")
+        return _through(x, weights_in, wo, lambda rows, w: _grouped(rows, w, offsets))
+    if impl != "loop" and rows_per_expert is not None:
+        return _padded_bmm(x, counts, rows_per_expert, weights_in, wo)
+    sizes = counts.tolist()  # the one host sync of the other fallbacks
+    most = max(sizes, default=0)
+    if impl == "bmm" or (impl == "auto" and most <= PAD_ROWS):
+        return _padded_bmm(x, counts, most, weights_in, wo)
+    return _through(x, weights_in, wo, lambda rows, w: _per_expert(rows, w, sizes))
 
 
 class GroupedExperts(nn.Module):
