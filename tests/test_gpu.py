@@ -129,6 +129,39 @@ def test_grouped_experts_bf16_match_fp32_loop(device, monkeypatch):
         assert err < BF16_TOL, f"{n}: relative error {err:.3g} (bf16 tolerance {BF16_TOL})"
 
 
+def test_autocast_experts_run_gate_and_up_as_one_grouped_gemm(device, monkeypatch):
+    """Under bf16 autocast with fp32 weights, gate and up are cast side by side into one [E, H, 3I] grouped GEMM;
+    its output and the fp32 gradients match the fp32 per-expert loop."""
+    require_grouped_mm(device)
+    torch.manual_seed(0)
+    counts = torch.tensor([37, 0, 130, 5, 0, 64, 1, 19], device=device)
+    hidden, inter = 128, 256
+    x = torch.randn(int(counts.sum()), hidden, device=device).bfloat16().float()
+    weights = [(torch.randn(8, hidden, 2 * inter, device=device) * hidden ** -0.5).bfloat16().float(),
+               (torch.randn(8, hidden, inter, device=device) * hidden ** -0.5).bfloat16().float(),
+               (torch.randn(8, inter, hidden, device=device) * inter ** -0.5).bfloat16().float()]
+    grad_out = torch.randn(x.shape, device=device)
+    widths = []
+    real = experts_module._grouped
+    monkeypatch.setattr(experts_module, "_grouped",
+                        lambda a, w, o: widths.append((a.dtype, w.shape[-1])) or real(a, w, o))
+    results = {}
+    for name, autocast in (("fused_bf16", True), ("loop_fp32", False)):
+        xi = x.detach().clone().requires_grad_()
+        ws = [w.detach().clone().requires_grad_() for w in weights]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = expert_ffn(xi, counts, *ws, impl="auto" if autocast else "loop")
+        y.float().backward(grad_out)
+        results[name] = [y, xi.grad, *(w.grad for w in ws)]
+    assert widths == [(torch.bfloat16, 3 * inter), (torch.bfloat16, hidden)], widths
+    names = ["out", "grad_x", "grad_wi_gate", "grad_wi_up", "grad_wo"]
+    errors = {n: rel_err(a, b) for n, a, b in zip(names, results["fused_bf16"], results["loop_fp32"])}
+    report("autocast fused gate+up grouped GEMM vs fp32 loop", **errors)
+    assert all(g.dtype == torch.float32 for g in results["fused_bf16"][2:])
+    for n, err in errors.items():
+        assert err < BF16_TOL, f"{n}: relative error {err:.3g} (bf16 tolerance {BF16_TOL})"
+
+
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
 def test_sparse_moe_layer_bf16_grouped_matches_fp32_loop(device, monkeypatch, dispatch):
     """The whole MoE layer (route, permute, experts, combine) in bf16 on grouped GEMM vs an fp32 copy on the
