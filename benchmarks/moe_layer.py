@@ -5,7 +5,7 @@
     python -m benchmarks.moe_layer --shapes openmoe-base --tokens 16384 --routing uniform --dispatch dropless
 
 Implementations, all run in the same process on the same input:
-* ours                 OpenMoeSparseMLP with grouped_mm experts (moe_system/moe)
+* ours                 OpenMoeSparseMLP as it runs: grouped_mm experts, else its fallback (moe_system/moe)
 * ours_loop            the same layer with its per-expert loop
 * torch_grouped_mm     a plain reference written here: argsort, gather, 2 grouped GEMMs, index_add
 * hf_<impl>            transformers' MixtralSparseMoeBlock, one entry per registered experts_implementation
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from moe_system.model import OpenMoeConfig
 from moe_system.moe import OpenMoeSparseMLP, capacity
-from moe_system.moe.experts import grouped_mm_supported, swiglu3
+from moe_system.moe.experts import swiglu3
 
 from .common import GiB, Mismatch, add_shape_arguments, check_against_reference, deadline, environment, exit_code, \
     guarded, peak_bytes, shape_settings, time_ms, write_json
@@ -238,9 +238,6 @@ def run_case(shape_name, shape, tokens, routing, dispatch, impls, device, dtype,
     ours = OpenMoeSparseMLP(cfg)
     ours.reset_parameters()
     ours = ours.to(device, dtype).train()
-    grouped_ok = grouped_mm_supported(torch.empty(1, hidden, device=device, dtype=dtype), ours.experts.wi_gate) \
-        and grouped_mm_supported(torch.empty(1, inter, device=device, dtype=dtype), ours.experts.wo)
-    ours.experts.impl = "grouped_mm" if grouped_ok else "loop"
 
     x = make_input(tokens, hidden, ours.gate_weight, experts, top_k, routing, dtype, device, generator)
     grad_out = torch.randn(x.shape, generator=generator).to(device, dtype)

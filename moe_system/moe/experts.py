@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 
 def swiglu3(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """OpenMoE's activation: the 2I-wide gate splits into a linear half and a SiLU half, times the up projection."""
+    """OpenMoE's activation: the 2I-wide gate splits into a linear half and a SiLU half, times the up projection.
+    Where no gradient is needed, gate and up (fresh GEMM outputs at every caller) are overwritten."""
     linear, gated = gate.chunk(2, dim=-1)
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return linear * F.silu(gated) * up
