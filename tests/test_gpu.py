@@ -473,6 +473,30 @@ def test_host_syncs_per_training_step(device):
     assert opt.count <= bound["optimizer"], f"the optimizer step synchronised {opt.count} times: {dict(opt.locations)}"
 
 
+def test_training_adamw_is_fused_on_cuda(device):
+    """The training loop's AdamW (parallel/optimizers.py adamw) takes the fused kernel on CUDA and updates as the
+    default implementation does; on the CPU it is the default one."""
+    from moe_system.parallel.optimizers import adamw
+    from moe_system.training.loop import decay_groups
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = OpenMoeForCausalLM(OpenMoeConfig.from_preset("tiny"))
+    twin = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    for p, q in zip(model.parameters(), twin):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    optimizer = adamw(decay_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    reference = torch.optim.AdamW(twin, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, fused=False)
+    for _ in range(2):
+        optimizer.step()
+        reference.step()
+    fused = [bool(group["fused"]) for group in optimizer.param_groups]
+    errors = [rel_err(p, q) for p, q in zip(model.parameters(), twin) if p.ndim >= 2]
+    report("training AdamW", fused=fused, max_param_err=max(errors))
+    assert fused == [ON_CUDA] * 2
+    assert max(errors) < 1e-6  # fp32 state and update either way; only the order of a few operations differs
+
+
 # --- 6. bf16 checkpoints ---------------------------------------------------------------------------------------
 
 def test_bf16_checkpoint_loads_as_bf16_and_generates(device, tmp_path):
