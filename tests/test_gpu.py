@@ -252,6 +252,52 @@ def test_fused_head_loss_matches_full_logits(device, dtype, label_smoothing, z_l
         assert err < grad_tol, f"{k}: relative error {err:.3g} (tolerance {grad_tol} for {dtype})"
 
 
+def test_fused_head_bf16_gemms_run_in_bf16_with_fp32_results(device, monkeypatch):
+    """A bf16 head over 8 chunks: every GEMM over the vocabulary takes bf16 operands (none is an fp32 GEMM, which
+    Hopper runs ~12x slower); on CUDA (sm80+) the logits come out of the GEMM in fp32 and each chunk's weight
+    gradient is added to the fp32 sum inside its GEMM (mm / addmm with out_dtype); the loss holds its chunk's
+    budget and the fp32 weight gradient, no per-chunk [V, H] product."""
+    from test_loss import HeadGemms  # tests/ is on sys.path (rootdir import mode), as for dist_common
+    import moe_system.model.loss as loss_module
+    torch.manual_seed(0)
+    batch, seq, hidden_size, vocab, chunk = 2, 513, 128, 16384, 128
+    monkeypatch.setattr(loss_module, "CHUNK_BUDGET_BYTES", loss_module.CHUNK_BYTES_PER_LOGIT * chunk * vocab)
+    hidden = torch.randn(batch, seq, hidden_size, device=device).to(torch.bfloat16)
+    weight = (torch.randn(vocab, hidden_size, device=device) * 0.05).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (batch, seq), device=device)
+    labels[0, :100] = -100  # a masked prompt
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    if ON_CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with HeadGemms() as gemms:
+        loss = chunked_lm_loss(h, w, labels, z_loss_factor=1e-4)
+        loss.backward()
+    h_ref, w_ref = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    ref = full_logits_loss(h_ref, w_ref, labels, 0.0, 1e-4)
+    ref.backward()
+    loss_err = abs(loss.item() - ref.item()) / abs(ref.item())
+    grad_errors = dict(grad_hidden=rel_err(h.grad, h_ref.grad), grad_head=rel_err(w.grad, w_ref.grad))
+    ops = Counter(name for name, _ in gemms.calls)
+    report("bf16 head GEMMs", ops=dict(ops), loss_err=loss_err, **grad_errors)
+    assert all(dtypes == (torch.bfloat16,) * 2 for _, dtypes in gemms.calls), gemms.calls
+    assert sum(ops.values()) == 3 * math.ceil(batch * seq / chunk), ops  # logits, grad hidden, grad weight per chunk
+    assert loss_err < 5e-4, f"loss {loss.item():.6g} vs {ref.item():.6g} on full fp32 logits"
+    for k, err in grad_errors.items():
+        assert err < BF16_TOL, f"{k}: relative error {err:.3g} (tolerance {BF16_TOL} for bf16)"
+    if not ON_CUDA:
+        return
+    if torch.cuda.get_device_capability(device)[0] >= 8:
+        assert ops["aten.mm.dtype"] == ops["aten.addmm.dtype_out"] == math.ceil(batch * seq / chunk), ops
+    peak = torch.cuda.max_memory_allocated() - base
+    # fp32 weight gradient (4VH) and, in backward, its scaled fp32 copy and bf16 cast (6VH); one chunk's 8cV;
+    # 4 MiB for the rest (hidden-state gradients, per-row vectors). A per-chunk [V, H] product would add 2-4VH.
+    bound = 10 * vocab * hidden_size + loss_module.CHUNK_BYTES_PER_LOGIT * chunk * vocab + 4 * 2 ** 20
+    report("bf16 head memory", peak_mib=peak / 2 ** 20, bound_mib=bound / 2 ** 20)
+    assert peak <= bound, f"the loss peaked at {peak / 2 ** 20:.0f} MiB over its inputs (bound {bound / 2 ** 20:.0f})"
+
+
 # --- 3. cached generation ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -409,13 +455,13 @@ def sync_bound(config: OpenMoeConfig, micro_batches: int = 1) -> dict:
       blocking host-to-device copies from the data loader's CPU tensors: 1 + 2 per micro-batch;
     * every MoE layer calls torch.bincount twice (router.route's counts, DispatchPlan.build's counts); on CUDA
       bincount reads its input's min and max back to the host even with minlength: up to 2 each;
-    * loss.py: nonzero() over the label mask, and num_items.item() for the denominator: 2 per micro-batch.
+    * loss.py: none (ignored tokens are weighted 0, not selected; num_items stays a device tensor).
     bf16 experts on grouped GEMM add none (the per-expert loop would add counts.tolist() per expert call);
     plain AdamW keeps its step counters on the CPU and adds none.
     """
     moe_layers = len(config.moe_layer_indices)
     return {"copies_in": 1 + 2 * micro_batches, "bincount": micro_batches * moe_layers * 2 * 2,
-            "loss": micro_batches * 2, "optimizer": 0}
+            "loss": 0, "optimizer": 0}
 
 
 def test_host_syncs_per_training_step(device):
@@ -458,6 +504,30 @@ def test_host_syncs_per_training_step(device):
     assert fb.count <= limit_fb, (f"forward+backward synchronised with the host {fb.count} times, more than the "
                                   f"{limit_fb} the code implies {bound}; by line: {dict(fb.locations)}")
     assert opt.count <= bound["optimizer"], f"the optimizer step synchronised {opt.count} times: {dict(opt.locations)}"
+
+
+def test_training_adamw_is_fused_on_cuda(device):
+    """The training loop's AdamW (parallel/optimizers.py adamw) takes the fused kernel on CUDA and updates as the
+    default implementation does; on the CPU it is the default one."""
+    from moe_system.parallel.optimizers import adamw
+    from moe_system.training.loop import decay_groups
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = OpenMoeForCausalLM(OpenMoeConfig.from_preset("tiny"))
+    twin = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    for p, q in zip(model.parameters(), twin):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    optimizer = adamw(decay_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    reference = torch.optim.AdamW(twin, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, fused=False)
+    for _ in range(2):
+        optimizer.step()
+        reference.step()
+    fused = [bool(group["fused"]) for group in optimizer.param_groups]
+    errors = [rel_err(p, q) for p, q in zip(model.parameters(), twin) if p.ndim >= 2]
+    report("training AdamW", fused=fused, max_param_err=max(errors))
+    assert fused == [ON_CUDA] * 2
+    assert max(errors) < 1e-6  # fp32 state and update either way; only the order of a few operations differs
 
 
 # --- 6. bf16 checkpoints ---------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ class OpenMoeConfig(PretrainedConfig):
         router_z_loss_factor=1e-4,
         z_loss_factor=1e-4,
         label_smoothing=0.0,
-        loss_chunk_tokens=4096,
+        loss_chunk_tokens=None,
         # tokens: umT5 conventions, a leading <pad> acts as BOS
         pad_token_id=0,
         bos_token_id=0,
@@ -97,6 +97,8 @@ class OpenMoeConfig(PretrainedConfig):
         self.router_z_loss_factor = router_z_loss_factor
         self.z_loss_factor = z_loss_factor
         self.label_smoothing = label_smoothing
+        # A cap on the tokens per chunk of the fused head + loss; the chunk's memory budget sets the count
+        # below it (model/loss.py, loss_chunk_tokens). Configs saved with 4096 keep that as their cap.
         self.loss_chunk_tokens = loss_chunk_tokens
         self.use_cache = use_cache  # transformers 5.x base config has no use_cache attribute
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,

@@ -7,13 +7,38 @@ The head and the loss are fused: chunk by chunk, the forward computes the fp32 l
 the gradients of the loss with respect to the hidden states and the head weight (accumulated in place). Only
 one chunk's logits exist at a time, nothing is recomputed in backward, and the weight gradient is never held
 twice — a 256k-vocabulary head costs one [chunk, V] buffer instead of B x T x V logits and their gradient.
+
+Precision: the three head GEMMs (logits, gradient of the hidden states, gradient of the weight) take their
+operands in the weight's dtype, so a bf16/fp16 head runs on the tensor cores; the logits, the loss and the
+weight gradient's sum over chunks are fp32. Ignored tokens are computed like the others and weighted 0, so
+that nothing here waits for the device (no data-dependent shapes, no reads of device values on the host).
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+
+# A chunk of c tokens peaks at 8 bytes per logit: its fp32 logits [c, V] plus one more [c, V] fp32 buffer
+# beside them (logsumexp's exp; later the working-dtype copy of the logits' gradient, <= 4 bytes).
+CHUNK_BYTES_PER_LOGIT = 8
+CHUNK_BUDGET_BYTES = 2 * 1024 ** 3
+
+
+def loss_chunk_tokens(vocab_size: int, limit: int | None = None) -> int:
+    """Tokens per chunk: floor(CHUNK_BUDGET_BYTES / (8 * vocab_size)), rounded down to a multiple of 64 (whole
+    GEMM tiles) and at least 64, so that a chunk's logits and temporaries stay within the 2 GiB budget (256k
+    vocabulary: 1024 tokens); never more than limit (the config's loss_chunk_tokens) when one is set."""
+    tokens = max(64, CHUNK_BUDGET_BYTES // (CHUNK_BYTES_PER_LOGIT * vocab_size) // 64 * 64)
+    return min(tokens, limit) if limit else tokens
+
+
+def _fp32_output_gemms(weight: torch.Tensor) -> bool:
+    # cuBLAS multiplies bf16/fp16 operands into an fp32 output (accumulating into it) on sm80 and newer only.
+    return (weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(weight.device)[0] >= 8)
 
 
 def _smoothing_constants(label_smoothing: float, vocab: int):
@@ -25,9 +50,12 @@ def _smoothing_constants(label_smoothing: float, vocab: int):
 
 def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float, z_loss_factor: float,
                          need_grad: bool):
-    """Summed loss of fp32 logits [n, V]; with need_grad also d(loss)/d(logits), computed in place over logits."""
+    """Summed loss of fp32 logits [n, V] over the rows whose target is not IGNORE_INDEX; with need_grad also
+    d(loss)/d(logits) (0 on ignored rows), computed in place over logits."""
     vocab = logits.shape[-1]
     confidence, low, minimum = _smoothing_constants(label_smoothing, vocab)
+    valid = targets != IGNORE_INDEX
+    targets = targets.clamp(min=0)  # any class for ignored rows: their loss and gradient are dropped below
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(-1, targets[:, None]).squeeze(-1)
     nll = lse - target_logit
@@ -36,32 +64,43 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, label_smoo
         loss = loss + low * (vocab * lse - logits.sum(dim=-1) - nll)  # sum over non-target classes of -log p
     if z_loss_factor:
         loss = loss + z_loss_factor * lse.square()
+    loss = torch.where(valid, loss, 0.0).sum()
     if not need_grad:
-        return loss.sum(), None
-    # d/dlogits: (confidence - low + low*V + 2*zf*lse) * softmax - (confidence - low) * onehot - low
+        return loss, None
+    # d/dlogits: (confidence - low + low*V + 2*zf*lse) * softmax - (confidence - low) * onehot - low, times valid
     probs = logits.sub_(lse[:, None]).exp_()
-    probs.mul_((confidence - low + low * vocab + 2 * z_loss_factor * lse)[:, None])
-    probs.scatter_add_(-1, targets[:, None], torch.full_like(lse[:, None], -(confidence - low)))
+    probs.mul_(torch.where(valid, confidence - low + low * vocab + 2 * z_loss_factor * lse, 0.0)[:, None])
+    probs.scatter_add_(-1, targets[:, None], torch.where(valid, -(confidence - low), 0.0)[:, None])
     if low:
-        probs.sub_(low)
-    return loss.sum(), probs
+        probs.sub_(torch.where(valid, low, 0.0)[:, None])
+    return loss, probs
 
 
 class FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, label_smoothing, z_loss_factor, chunk_tokens, denominator, need_grad):
+        fp32_out = _fp32_output_gemms(weight)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
+        # fp32: the weight gradient is a sum over every chunk, which bf16 would round once per chunk.
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, targets.numel(), chunk_tokens):
             h = hidden[start:start + chunk_tokens]
-            logits = (h @ weight.t()).float()
+            logits = torch.mm(h, weight.t(), out_dtype=torch.float32) if fp32_out else (h @ weight.t()).float()
             loss, dlogits = _chunk_loss_and_grad(logits, targets[start:start + chunk_tokens], label_smoothing,
                                                  z_loss_factor, need_grad)
             total += loss
+            del logits  # so that the cast below frees the fp32 buffer before the GEMMs and the next chunk
             if need_grad:
-                grad_hidden[start:start + chunk_tokens] = (dlogits.to(weight.dtype) @ weight)
-                grad_weight.addmm_(dlogits.t(), h.float())
+                dlogits = dlogits.to(weight.dtype)  # GEMM operands in the working dtype (a no-op in fp32)
+                torch.mm(dlogits, weight, out=grad_hidden[start:start + chunk_tokens])
+                if fp32_out:  # the chunk's product is added to the fp32 sum inside the GEMM
+                    torch.addmm(grad_weight, dlogits.t(), h, out_dtype=torch.float32, out=grad_weight)
+                elif dlogits.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(dlogits.t(), h)
+                else:  # no mixed-dtype GEMM here (CPU, pre-sm80): the chunk's product is rounded once
+                    grad_weight += dlogits.t() @ h
+                del dlogits
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.denominator = denominator
@@ -83,21 +122,21 @@ def router_loss(cfg, aux_loss: torch.Tensor, z_loss: torch.Tensor) -> torch.Tens
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, *,
-                    label_smoothing: float = 0.0, z_loss_factor: float = 0.0, chunk_tokens: int = 4096,
+                    label_smoothing: float = 0.0, z_loss_factor: float = 0.0, chunk_tokens: int | None = None,
                     num_items: int | torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token loss of hidden [B, T, H] under head_weight [V, H] against unshifted labels [B, T].
 
     Divides the summed loss by num_items when given (the global count of target tokens, so that data-parallel
     ranks and accumulation steps add up to one exact global mean), else by the local count of targets.
+    chunk_tokens: at most this many tokens per chunk (loss_chunk_tokens); the memory budget decides the rest.
     """
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    targets = labels[:, 1:].reshape(-1)
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
-    hidden, targets = hidden[rows], targets[rows]
-    denominator = num_items if num_items is not None else max(targets.numel(), 1)
-    if isinstance(denominator, torch.Tensor):
-        denominator = denominator.item()
+    # Position t predicts labels[t + 1]; the last position of each row has no target (ignored). Keeping every
+    # position makes hidden a view, and its gradient needs no scatter into a zero-filled [B, T, H].
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    if num_items is None:
+        num_items = (targets != IGNORE_INDEX).sum().clamp(min=1)
     # Grad mode is off inside Function.forward, so decide here whether the fused gradients are needed.
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)
-    return FusedLinearLoss.apply(hidden, head_weight, targets, label_smoothing, z_loss_factor, chunk_tokens,
-                                 float(denominator), need_grad)
+    return FusedLinearLoss.apply(hidden, head_weight, targets, label_smoothing, z_loss_factor,
+                                 loss_chunk_tokens(head_weight.shape[0], chunk_tokens), num_items, need_grad)

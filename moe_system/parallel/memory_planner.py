@@ -35,9 +35,9 @@ op from what autograd keeps in moe_system/model/modeling.py and moe_system/moe:
 With activation checkpointing each layer keeps only its input (bH per token); in backward one layer at a
 time is recomputed, so its full activations come back for that layer only.
 Backward working set: the gradient of the widest intermediate of a layer, 2I*b per copy (k*2I*b per token
-for an MoE layer). Fused head + loss (model/loss.py): an fp32 [V, H] weight-gradient accumulator, gradients
-of the hidden states (bH per token) and two bH copies of the hidden states; while a chunk of c tokens is
-processed, c*V fp32 logits plus their b-byte cast when b != 4 ((4 + b)*c*V bytes; 4*c*V in fp32).
+for an MoE layer). Fused head + loss (model/loss.py): an fp32 [V, H] weight-gradient accumulator and the
+gradients of the hidden states (bH per token); while a chunk of c tokens is processed (c from the loss's 2 GiB
+budget), its c*V fp32 logits and one more c*V fp32 buffer beside them (8*c*V bytes).
 
 All-to-all buffers (ep > 1): the dispatched rows in flight, sent and received: 2 * k * tokens * H * b
 (times the capacity factor in capacity mode, where every expert gets its full slots).
@@ -53,6 +53,7 @@ import sys
 from dataclasses import dataclass
 
 from ..model.config import OpenMoeConfig
+from ..model.loss import CHUNK_BYTES_PER_LOGIT, loss_chunk_tokens
 from .layout import PLUGINS, LayoutError, validate_layout
 
 GiB = 1024 ** 3
@@ -174,10 +175,10 @@ def backward_working_set_per_token(cfg, layer_idx: int, b: int, rows_per_token: 
 
 def head_loss_bytes(cfg, tokens: int, b: int) -> dict:
     """Fused head + loss: what it keeps for backward, and its chunk buffer while it runs."""
-    chunk = min(cfg.loss_chunk_tokens, tokens)
+    chunk = min(loss_chunk_tokens(cfg.vocab_size, cfg.loss_chunk_tokens), tokens)
     return {
-        "saved": 4 * cfg.vocab_size * cfg.hidden_size + norm_act(cfg, b) * tokens + 3 * b * cfg.hidden_size * tokens,
-        "chunk_buffer": (4 + (b if b != 4 else 0)) * chunk * cfg.vocab_size,
+        "saved": 4 * cfg.vocab_size * cfg.hidden_size + norm_act(cfg, b) * tokens + b * cfg.hidden_size * tokens,
+        "chunk_buffer": CHUNK_BYTES_PER_LOGIT * chunk * cfg.vocab_size,
     }
 
 

@@ -58,6 +58,16 @@ def true_grad_norm(grads_and_experts, dp_group, ep_group, pp_group, sharded: boo
     return float(total.sqrt())
 
 
+def adamw(param_groups: list[dict], **kwargs) -> torch.optim.AdamW:
+    """torch's AdamW, on CUDA with its fused kernel: one launch per parameter group and dtype for the whole
+    update instead of a chain of foreach kernels. The wrappers below unscale and clip the gradients themselves and
+    call the inner optimizer's step() without arguments (low_level_optim.py:588, hybrid_parallel_plugin.py:378),
+    which the fused step accepts: its grad_scale / found_inf serve torch's GradScaler only. Elsewhere (CPU runs)
+    the default implementation, as before."""
+    params = [p for group in param_groups for p in group["params"]]
+    return torch.optim.AdamW(param_groups, fused=bool(params) and all(p.is_cuda for p in params), **kwargs)
+
+
 def _loss_scale_at_floor(mixin) -> bool:
     """fp16: whether the dynamic loss scale already sits at its minimum (an overflow now is no scaling issue)."""
     scaler = getattr(mixin, "grad_scaler", None)

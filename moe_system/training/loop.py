@@ -24,6 +24,7 @@ from ..moe.load import ExpertLoadMeter
 from ..parallel.checkpoint_io import load_pretrained_weights
 from ..parallel.config import ParallelConfig
 from ..parallel.launch import init_distributed
+from ..parallel.optimizers import adamw
 from ..parallel.plugin import build_plugin
 from ..parallel.rank_model import build_for_plugin
 from ..parallel.rebalance import ExpertRebalancer
@@ -99,7 +100,7 @@ def run_training(args, earlier_run: list[str]) -> dict:
     model = build_model(args, config, plugin)
     if args.gradient_checkpointing:
         model.model.gradient_checkpointing = True
-    optimizer = torch.optim.AdamW(decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = adamw(decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.warmup_steps, data.total_steps)
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
     if args.load_checkpoint and not resume_from:  # strict, each rank its own slices (a resume replaces them)
