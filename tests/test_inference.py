@@ -324,3 +324,48 @@ def test_both_scripts_run_a_converted_release_checkpoint(tmp_path, tokenizer, mo
         assert result.returncode == 0, result.stderr
         runs[script] = records(tmp_path / f"{script}.jsonl")[0]["token_ids"]
     assert runs["infer.py"] == runs["infer_multi_device.py"] and len(runs["infer.py"]) > 0
+
+
+def record_attention(monkeypatch) -> list:
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append({"queries": q.shape[-2], "mask": attn_mask is not None, "causal": is_causal})
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_unpadded_batch_generates_without_a_mask(model, generator, monkeypatch):
+    """Prompts of one length: prefill attends causally with no mask (SDPA's flash kernel needs exactly that) and
+    decoding with none either; the tokens are those of the masked path. A left-padded batch keeps its mask."""
+    prompts = ["The capital of France is", "The capital of Spain is"]
+    ids = [generator.encode(p) for p in prompts]
+    assert len(ids[0]) == len(ids[1])
+    input_ids, mask = generator.left_pad(ids)
+    config = greedy().generation_config(model.config, 12)
+    masked = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+    calls = record_attention(monkeypatch)
+    batch = generator.generate(prompts, greedy())
+    assert [c.token_ids for c in batch] == [row[input_ids.shape[1]:].tolist()[:len(c.token_ids)]
+                                            for row, c in zip(masked, batch)]
+    prefill = [c for c in calls if c["queries"] > 1]
+    assert prefill and all(c == {"queries": input_ids.shape[1], "mask": False, "causal": True} for c in prefill)
+    assert not any(c["mask"] for c in calls)
+    calls.clear()
+    generator.generate(PROMPTS, greedy())  # different lengths: left padding, masked
+    assert len({len(generator.encode(p)) for p in PROMPTS}) > 1 and all(c["mask"] for c in calls if c["queries"] > 1)
+
+
+def test_no_padding_forward_drops_the_mask(model, monkeypatch):
+    """model(..., attention_mask=all ones, no_padding=True): prefill runs causal without a mask, same logits."""
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    ones = torch.ones_like(ids)
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=ones).logits
+        calls = record_attention(monkeypatch)
+        unmasked = model(input_ids=ids, attention_mask=ones, no_padding=True).logits
+    assert calls and all(c == {"queries": 9, "mask": False, "causal": True} for c in calls)
+    torch.testing.assert_close(unmasked, masked, rtol=1e-5, atol=1e-5)

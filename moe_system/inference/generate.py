@@ -138,7 +138,9 @@ class Generator:
         contexts = [ids[-CONTEXT_TOKENS:] for ids in prompt_ids]
         stops = StopStrings(self.tokenizer, settings.stop, input_ids.shape[1], contexts)
         start = time.perf_counter()
-        out = self.model.generate(input_ids=input_ids, attention_mask=mask,
+        # Prompts of one length: no padding, so the model attends causally without a mask (flash attention).
+        no_padding = len({len(ids) for ids in prompt_ids}) == 1
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask, no_padding=no_padding,
                                   generation_config=settings.generation_config(self.config, max_new),
                                   stopping_criteria=StoppingCriteriaList([stops]), streamer=streamer)
         seconds = time.perf_counter() - start

@@ -254,15 +254,20 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, num_items_in_batch=None,
-                return_logits=None, cache=None, **kwargs):
+                return_logits=None, cache=None, no_padding=False, **kwargs):
         """With labels, the loss is computed from the hidden states chunk by chunk and logits are not returned
         (pass return_logits=True to get them too): B x T x 256k fp32 logits would not fit.
 
         loss = lm_loss + router_aux_loss_factor * aux_loss + router_z_loss_factor * router_z_loss, where lm_loss
         is the per-target-token mean (or the sum divided by num_items_in_batch, for exact global means across
         data-parallel ranks and accumulation steps).
+
+        no_padding: the caller knows attention_mask is all ones (generate() has to be given one: BOS and pad share
+        an id). It is then dropped, so attention runs causal without a mask, which SDPA's flash kernel needs.
         """
         past_key_values = past_key_values if past_key_values is not None else cache
+        if no_padding:
+            attention_mask = None
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
         return self.lm_output(out, labels, num_items_in_batch, logits_to_keep, return_logits)
 

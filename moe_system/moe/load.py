@@ -31,9 +31,13 @@ class ExpertLoadMeter:
 
     def stats(self) -> dict:
         """Per-layer expert shares, imbalance (max/mean) and dropped fraction of the routed copies."""
+        if not self.layers:
+            return {}
+        # One device-to-host copy for all layers (each would be a host sync of its own).
+        counts, dropped = torch.stack([torch.stack(self.counts()), torch.stack(self.dropped())]).double().cpu()
         stats = {}
-        for i, (counts, dropped) in enumerate(zip(self.counts(), self.dropped())):
-            stats.update(load_stats(f"moe/layer{i}", counts.double().cpu(), dropped.double().cpu()))
+        for i in range(len(self.layers)):
+            stats.update(load_stats(f"moe/layer{i}", counts[i], dropped[i]))
         return stats
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .router import expert_counts
+
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     """inverse[order[i]] = i: where each element of the original sequence went."""
@@ -33,7 +35,7 @@ class DispatchPlan:
         flat = expert_idx.t().reshape(-1)
         order = torch.argsort(flat, stable=True)
         inverse = inverse_permutation(order)
-        counts = torch.bincount(flat, minlength=num_experts)
+        counts = expert_counts(flat, num_experts)
         block_start = torch.cumsum(counts, 0) - counts
         rank = torch.arange(order.numel(), device=order.device) - block_start[flat[order]]
         return cls(order, inverse, counts, rank, num_tokens, top_k)

@@ -46,12 +46,19 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, *, noise: str 
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
 
-    counts = torch.bincount(expert_idx.flatten(), minlength=num_experts)
+    counts = expert_counts(expert_idx.flatten(), num_experts)
     # Fraction of tokens sent to each expert (union over the k choices, so it sums to k) times mean probability.
     fraction = counts.float() / x.shape[0]
     aux_loss = num_experts * (fraction * probs.mean(dim=0)).sum()
     z_loss = torch.logsumexp(logits, dim=-1).square().mean()
     return Routing(expert_idx, weights, aux_loss, z_loss, counts)
+
+
+def expert_counts(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] long: how many entries of expert_idx name each expert. Not torch.bincount: on CUDA it reads its input's
+    maximum back to the host (even with minlength), a sync in every MoE layer. Integer adds: exact in any order."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=expert_idx.device)
+    return counts.scatter_add_(0, expert_idx, torch.ones_like(expert_idx))
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:

@@ -15,7 +15,8 @@ from ..model.loss import router_loss
 
 def global_target_count(micro_batches: list[dict], group, device) -> torch.Tensor:
     # int64: the plugin casts floating inputs to the training precision (fp16 is inf above 65,504 tokens)
-    count = sum((mb["labels"][:, 1:] != -100).sum() for mb in micro_batches).to(device, torch.int64)
+    # non_blocking: a blocking copy to the device would wait for all the work queued before it (see forward_backward)
+    count = sum((mb["labels"][:, 1:] != -100).sum() for mb in micro_batches).to(device, torch.int64, non_blocking=True)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(count, group=group)
     return count.clamp(min=1)
@@ -29,7 +30,10 @@ def forward_backward(booster, model, optimizer, micro_batches: list[dict], dp_gr
     parts = torch.zeros(3, device=device)
     for mb in micro_batches:
         # Right-padded rows need no padding mask: under a causal mask no real token ever looks at a later pad.
-        out = model(input_ids=mb["input_ids"].to(device), labels=mb["labels"].to(device), num_items_in_batch=num_items)
+        # non_blocking: a blocking copy would make the host wait for the previous micro-batch's backward before it
+        # can queue this one; from pageable host memory CUDA stages the source at once, so it is free to go after.
+        input_ids, labels = (mb[key].to(device, non_blocking=True) for key in ("input_ids", "labels"))
+        out = model(input_ids=input_ids, labels=labels, num_items_in_batch=num_items)
         router = router_loss(cfg, out.aux_loss, out.router_z_loss)
         booster.backward(out.lm_loss * dp_size + router / len(micro_batches), optimizer)
         parts += torch.stack([out.lm_loss.detach() * dp_size, out.aux_loss.detach() / len(micro_batches),
@@ -48,7 +52,8 @@ def pipeline_forward_backward(booster, model, optimizer, micro_batches: list[dic
     --microbatch_size; those are the routing groups. The schedule divides each micro-batch's criterion by
     their number M, so the LM term is multiplied by dp_size * M and router losses average over micro-batches.
     """
-    batch = {key: torch.cat([mb[key] for mb in micro_batches]).to(device) for key in ("input_ids", "labels")}
+    batch = {key: torch.cat([mb[key] for mb in micro_batches]).to(device, non_blocking=True)
+             for key in ("input_ids", "labels")}
     num_items = global_target_count(micro_batches, dp_group, device)
     dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
     num_pipeline_mb = batch["input_ids"].shape[0] // booster.plugin.scheduler.microbatch_size

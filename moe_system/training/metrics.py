@@ -97,30 +97,32 @@ class TrainProgress:
         self.write(f"step {step + 1}: non-finite {what}, update skipped ({state.bad_in_a_row} in a row)")
 
     def log_step(self, step: int, parts: dict, lr: float) -> None:
-        loss = parts["lm_loss"].item()
+        """parts: the step's loss parts and target tokens as Python numbers (read once by train_step)."""
+        loss = parts["lm_loss"]
         self.last_loss = loss
         self.window_steps += 1
-        self.window_tokens += parts["tokens"].item()
+        self.window_tokens += parts["tokens"]
         seconds = max(time.perf_counter() - self.window_start, 1e-9)
         tokens_per_s = self.window_tokens / seconds
-        self.bar.set_postfix(loss=f"{loss:.4f}", aux=f"{parts['aux_loss'].item():.3f}",
+        self.bar.set_postfix(loss=f"{loss:.4f}", aux=f"{parts['aux_loss']:.3f}",
                              tok_s=f"{self.tokens_per_step * self.window_steps / seconds:,.0f}",
                              tgt_tok_s=f"{tokens_per_s:,.0f}")
         self.bar.update(1)
         if not (step % self.log_interval == 0 or step in (1, self.total_steps)):
             return
         elapsed = time.perf_counter() - self.window_start
+        load = self.load_meter.stats()
         record = {"train/lm_loss": loss, "train/aux_loss": parts["aux_loss"],
                   "train/router_z_loss": parts["router_z_loss"], "lr": lr,
                   "perf/target_tokens_per_s": tokens_per_s,
                   "perf/tokens_per_s": self.tokens_per_step * self.window_steps / max(elapsed, 1e-9),
-                  **self.load_meter.stats(), **self.extra_stats()}  # extra_stats may be a collective: every rank
+                  **load, **self.extra_stats()}  # extra_stats may be a collective: every rank
         if self.peak_flops:
             record["perf/mfu"] = record["perf/tokens_per_s"] * self.flops_per_token / self.peak_flops
         if torch.cuda.is_available():
             record["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.logger.log(step, record)
-        self.last_load = self.load_meter.stats()
+        self.last_load = load
         self.load_meter.reset()
         self._start_window()
 

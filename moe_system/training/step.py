@@ -5,6 +5,7 @@ it instead of updating regardless: a non-finite loss or gradient, or an fp16 los
 weights alone. Every outcome is decided from all-reduced values, so every rank takes the same one.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ class TrainState:
 @dataclass
 class StepResult:
     outcome: str  # OK, NONFINITE_LOSS, NONFINITE_GRAD or OVERFLOW
-    parts: dict  # global-mean lm_loss, aux_loss, router_z_loss and the target-token count (detached tensors)
+    parts: dict  # global-mean lm_loss, aux_loss, router_z_loss and the target-token count, as Python floats
 
 
 def train_step(booster, model, optimizer, scheduler, micro_batches: list[dict], plugin, device,
@@ -56,7 +57,12 @@ def train_step(booster, model, optimizer, scheduler, micro_batches: list[dict], 
                                           plugin.pp_group, device)
     else:
         parts = forward_backward(booster, model, optimizer, micro_batches, plugin.dp_group, device)
-    if not torch.isfinite(parts["lm_loss"] + parts["aux_loss"] + parts["router_z_loss"]):
+    # The step's one device-to-host copy of its own: the loss parts for the log, and their sum for the finite check
+    # (all-reduced, so every rank decides the same). fp64: the token count stays exact beyond 2^24.
+    lm, aux, z = parts["lm_loss"], parts["aux_loss"], parts["router_z_loss"]
+    total, *values = torch.stack([t.double() for t in (lm + aux + z, lm, aux, z, parts["tokens"])]).tolist()
+    parts = dict(zip(("lm_loss", "aux_loss", "router_z_loss", "tokens"), values))
+    if not math.isfinite(total):
         outcome = NONFINITE_LOSS
     else:
         optimizer.step()  # skips the update itself if the global gradient norm (all-reduced) is inf/nan

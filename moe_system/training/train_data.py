@@ -79,11 +79,14 @@ def build_train_data(args, tokenizer, config, plugin, layout) -> TrainData:
         labels = [source_label(name) for name, _ in sources]
         dataset = MixtureRows(datasets, [weight for _, weight in sources], seed=args.seed, labels=labels)
         token_counter = SourceTokenCounter(labels)
+    # Page-locked batches: their non_blocking copies to the GPU (forward_backward.py) never wait for the device.
+    pin = torch.cuda.is_available()
     if args.streaming:  # sampler-free and endless: no epochs, --max_steps bounds the run (args.py)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, drop_last=True)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, drop_last=True, pin_memory=pin)
         return TrainData(args, dataset, loader, token_counter, None, args.max_steps)
     loader = plugin.prepare_dataloader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                       seed=args.seed, distributed_sampler_cls=ResumableDistributedSampler)
+                                       seed=args.seed, distributed_sampler_cls=ResumableDistributedSampler,
+                                       pin_memory=pin)
     steps_per_epoch = len(loader) // args.grad_accum_steps
     if steps_per_epoch == 0:
         raise DataError(f"{len(dataset)} training rows are fewer than one global batch of {args.batch_size} x "
