@@ -15,14 +15,15 @@ import argparse
 import json
 import resource
 import time
-from argparse import Namespace
 
 import torch
 import torch.distributed as dist
 from colossalai.booster import Booster
 
 from moe_system.model import OpenMoeConfig, OpenMoeForCausalLM
-from moe_system.parallel.plugin import build_plugin, init_distributed
+from moe_system.parallel.config import ParallelConfig
+from moe_system.parallel.launch import init_distributed
+from moe_system.parallel.plugin import build_plugin
 from moe_system.parallel.rank_model import build_for_plugin
 
 EXPERT_HEAVY = dict(vocab_size=1024, hidden_size=1024, intermediate_size=3072, num_hidden_layers=1,
@@ -42,9 +43,7 @@ def main(argv=None):
 
     init_distributed(args.seed)
     config = OpenMoeConfig(**EXPERT_HEAVY)
-    plugin_args = Namespace(plugin="ep", zero_stage=None, precision="fp32", extra_dp_size=1, pp_size=1, dp_size=1,
-                            ep_size=1, microbatch_size=None, max_grad_norm=1.0, batch_size=None)
-    plugin, layout = build_plugin(plugin_args, config)
+    plugin, layout = build_plugin(ParallelConfig(precision="fp32", max_grad_norm=1.0), config)
     before = peak_rss_gib()
     start = time.perf_counter()
     if args.build == "rank":

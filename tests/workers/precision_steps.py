@@ -10,7 +10,6 @@ from 0.5.
 import json
 import os
 import sys
-from argparse import Namespace
 
 import torch
 
@@ -21,7 +20,9 @@ from colossalai.booster import Booster  # noqa: E402
 from moe_system.model import OpenMoeConfig, OpenMoeForCausalLM  # noqa: E402
 from moe_system.moe.balancing import update_expert_bias  # noqa: E402
 from moe_system.moe.load import ExpertLoadMeter  # noqa: E402
-from moe_system.parallel.plugin import build_plugin, init_distributed  # noqa: E402
+from moe_system.parallel.config import ParallelConfig  # noqa: E402
+from moe_system.parallel.launch import init_distributed  # noqa: E402
+from moe_system.parallel.plugin import build_plugin  # noqa: E402
 from moe_system.training.forward_backward import forward_backward  # noqa: E402
 
 ROWS, SEQ = 2048, 33  # 2048 x 32 = 65,536 target tokens: above fp16's largest finite value, 65,504
@@ -47,10 +48,8 @@ def batch(targets: int) -> dict:
 
 
 def run(precision: str, targets: int) -> dict:
-    args = Namespace(plugin="ep", zero_stage=0, precision=precision, extra_dp_size=1, pp_size=1, dp_size=1,
-                     ep_size=1, microbatch_size=None, max_grad_norm=1.0, batch_size=None)
     config = small_config()
-    plugin, _ = build_plugin(args, config)
+    plugin, _ = build_plugin(ParallelConfig(zero_stage=0, precision=precision, max_grad_norm=1.0), config)
     booster = Booster(plugin=plugin)
     torch.manual_seed(3)
     model = OpenMoeForCausalLM(config)
