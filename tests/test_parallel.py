@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from dist_common import launch, make_batch, reference_run
+from dist_common import GLOBAL_BATCH, launch, make_batch, reference_run
 
 from moe_system.model import OpenMoeConfig
 from moe_system.parallel.config import ParallelConfig
@@ -60,6 +60,18 @@ OVERLAP_TWINS = {  # overlapped case: (world, the same case without --comm_overl
     "ep_zero_z0_fp32_overlap": (4, "ep_zero_z0_fp32"),
     "hybrid_pp2_ep2_z0_fp32_overlap": (4, "hybrid_pp2_ep2_z0_fp32"),
 }
+# --grad_accum_steps 2 (accum): gradients accumulate locally and are reduced once, at the last micro-batch;
+# sync_each is the former behaviour, a reduction after every micro-batch's backward. ZeRO-2 keeps that one.
+CASES_ACCUM = {
+    "ep_z0_fp32_accum": dict(plugin="ep", zero=0, precision="fp32", accum=2),
+    "ep_z0_fp32_accum_sync_each": dict(plugin="ep", zero=0, precision="fp32", accum=2, sync_each=True),
+    "ep_z1_fp32_accum": dict(plugin="ep", zero=1, precision="fp32", accum=2),
+    "ep_z1_fp32_accum_sync_each": dict(plugin="ep", zero=1, precision="fp32", accum=2, sync_each=True),
+    "ep_z2_fp32_accum": dict(plugin="ep", zero=2, precision="fp32", accum=2),
+    "ep_z0_fp32_accum1": dict(plugin="ep", zero=0, precision="fp32"),
+    "ep_z1_fp32_accum1": dict(plugin="ep", zero=1, precision="fp32"),
+    "ep_z2_fp32_accum1": dict(plugin="ep", zero=2, precision="fp32"),
+}
 DATA_PARALLEL = {"ep": {2: 2, 4: 4}, "ep_zero": {4: 4}, "hybrid": {2: 1, 4: 2}}
 TOLERANCE = {  # (loss rtol, grad-norm rtol, parameter atol)
     "fp32": (1e-5, 1e-5, 5e-5),
@@ -95,11 +107,18 @@ def results_4(workdir, results_2):  # loads the checkpoint the 2-process run sav
     return _run(workdir, 4, _materialise(CASES_4, workdir), timeout=200)
 
 
+@pytest.fixture(scope="module")
+def results_accum(workdir):
+    return _run(workdir, 2, _materialise(CASES_ACCUM, workdir), timeout=150)
+
+
 _references = {}
 
 
 def reference_for(case: dict, world: int) -> dict:
     dp = DATA_PARALLEL[case["plugin"]][world]
+    if case.get("accum"):  # the reference walks the same micro-batches: each rank's shard in accum parts
+        case = {**case, "microbatch": GLOBAL_BATCH // dp // case["accum"]}
     key = (dp, case.get("microbatch"), case.get("dispatch"), case.get("starve", False), case.get("optimizer"),
            case.get("max_norm"))
     if key not in _references:
@@ -149,6 +168,36 @@ def test_comm_overlap_matches_the_plain_exchange(name, results_2, results_4):
     loss_diff = (torch.tensor(got["losses"]) - torch.tensor(want["losses"])).abs().max().item()
     print(f"{name} vs {twin}: losses {loss_diff:.3g}, parameters {diff:.3g}")
     assert diff <= 2e-5, f"{name}: parameters differ from {twin} by {diff:.3g}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", [n for n, c in CASES_ACCUM.items() if c.get("accum") and not c.get("sync_each")])
+def test_gradient_accumulation_parity(name, results_accum):
+    _compare(name, CASES_ACCUM[name], results_accum[name], world=2)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero", [0, 1])
+def test_accumulation_without_per_micro_batch_reduction_matches_the_former_one(zero, results_accum):
+    """Reducing once after the last micro-batch instead of after each only changes the order of the additions."""
+    got, want = results_accum[f"ep_z{zero}_fp32_accum"], results_accum[f"ep_z{zero}_fp32_accum_sync_each"]
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(want["norms"]), rtol=1e-6, atol=0.0)
+    for key, value in want["state"].items():
+        torch.testing.assert_close(got["state"][key], value, rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_gradient_reductions_do_not_scale_with_the_micro_batches(zero, results_accum):
+    """ZeRO-0/1 reduce once per step whatever --grad_accum_steps is; ZeRO-2 (no no_sync upstream) once per
+    micro-batch, as the former behaviour did everywhere."""
+    one = results_accum[f"ep_z{zero}_fp32_accum1"]["reductions"]
+    two = results_accum[f"ep_z{zero}_fp32_accum"]["reductions"]
+    assert one[0] > 0 and len(set(one)) == 1, one
+    assert two == (one if zero < 2 else [2 * n for n in one]), (one, two)
+    if zero < 2:
+        assert results_accum[f"ep_z{zero}_fp32_accum_sync_each"]["reductions"] == [2 * n for n in one]
 
 
 def test_unrouted_experts_really_get_no_tokens():

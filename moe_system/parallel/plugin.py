@@ -20,10 +20,15 @@ colossalai/):
   training precision; OpenMoeParallelModule.forward keeps them fp32.
 * configure (moe_hybrid_parallel_plugin.py:423-525): never DDP, our module and the optimizers of
   optimizers.py (true global gradient norm, non-finite steps skipped).
+* ZeRO communication overlap: moe_hybrid_parallel_plugin.py:227-234 also forces `overlap_communication` off (the
+  same hang: an unrouted expert's gradient hook never fires). Our experts always get a gradient, so on CUDA the
+  reduction runs on a side stream as the backward goes (on CPU upstream's `record_stream` path fails).
+* no_sync under ZeRO-2: hybrid_parallel_plugin.py:1500-1504 asserts; ZeRO-2 keeps reducing every micro-batch.
 * Checkpoint IO: checkpoint_io.py.
 """
 
 import sys
+from contextlib import nullcontext
 from types import MethodType
 
 import torch
@@ -101,12 +106,20 @@ class OpenMoeParallelPlugin(MoeHybridParallelPlugin):
     """MoeHybridParallelPlugin with ZeRO-2 back, fp32 ZeRO, correct EP gradient semantics and clipping."""
 
     def __init__(self, *, zero_stage: int, precision: str, **kwargs):
-        # The parent forces stage 2 down to 1 (moe_hybrid_parallel_plugin.py:227-234); build as 1, then restore.
+        # The parent forces stage 2 down to 1 and overlap off (moe_hybrid_parallel_plugin.py:227-234); build as
+        # that, then restore both.
         super().__init__(zero_stage=min(zero_stage, 1), precision=precision, overlap_communication=False,
                          custom_policy=kwargs.pop("custom_policy", None) or OpenMoePolicy(), **kwargs)
         if zero_stage == 2:
             self.zero_stage = 2
             self.zero_config["partition_grad"] = True
+        self.zero_config["overlap_communication"] = torch.cuda.is_available()
+
+    def no_sync(self, model, optimizer):
+        """Gradient accumulation without a reduction per micro-batch (ZeRO-0: the model's flag, ZeRO-1: the
+        optimizer's). ZeRO-2 keeps its reduce-scatter per micro-batch: upstream asserts that no_sync and partitioned
+        gradients are incompatible (hybrid_parallel_plugin.py:1500-1504, low_level_optim.py:452-454)."""
+        return nullcontext() if self.zero_stage == 2 else super().no_sync(model, optimizer)
 
     def get_checkpoint_io(self):
         return OpenMoeCheckpointIO(self.mixed_dp_group, self.pp_group, self.tp_group, self.sp_group,

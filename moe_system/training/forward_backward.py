@@ -7,6 +7,8 @@ into the exact global-batch mean. Router losses are per-micro-batch means: avera
 and ranks gives their global mean.
 """
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 
@@ -28,14 +30,16 @@ def forward_backward(booster, model, optimizer, micro_batches: list[dict], dp_gr
     dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
     cfg = model.unwrap().config if hasattr(model, "unwrap") else model.config
     parts = torch.zeros(3, device=device)
-    for mb in micro_batches:
+    for i, mb in enumerate(micro_batches):
         # Right-padded rows need no padding mask: under a causal mask no real token ever looks at a later pad.
         # non_blocking: a blocking copy would make the host wait for the previous micro-batch's backward before it
         # can queue this one; from pageable host memory CUDA stages the source at once, so it is free to go after.
         input_ids, labels = (mb[key].to(device, non_blocking=True) for key in ("input_ids", "labels"))
         out = model(input_ids=input_ids, labels=labels, num_items_in_batch=num_items)
         router = router_loss(cfg, out.aux_loss, out.router_z_loss)
-        booster.backward(out.lm_loss * dp_size + router / len(micro_batches), optimizer)
+        # Gradients add up locally; only the last micro-batch's backward reduces them over the DP group.
+        with booster.no_sync(model, optimizer) if i < len(micro_batches) - 1 else nullcontext():
+            booster.backward(out.lm_loss * dp_size + router / len(micro_batches), optimizer)
         parts += torch.stack([out.lm_loss.detach() * dp_size, out.aux_loss.detach() / len(micro_batches),
                               out.router_z_loss.detach() / len(micro_batches)])
     if dp_size > 1:

@@ -3,13 +3,16 @@
 Usage: torchrun --nproc_per_node N tests/workers/dist_parity.py OUT_DIR CASE_JSON [CASE_JSON ...]
 Each case is a dict: plugin, zero, precision, extra_dp_size / pp, dp, ep, microbatch, dispatch, starve,
 optimizer, max_norm, name; optionally save (a directory for booster.save_model), overlap (--comm_overlap
-with that many chunks).
+with that many chunks), accum (that many accumulation micro-batches per step, as --grad_accum_steps), sync_each
+(reduce gradients after every micro-batch's backward, as before no_sync). Every case records the gradient
+reductions (all-reduce / reduce-scatter calls inside booster.backward) of each step.
 Several cases share one process group (launching costs more than a case on 2 CPU cores).
 """
 
 import json
 import os
 import sys
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -38,6 +41,36 @@ def check_groups(plugin, layout) -> None:
         assert actual == expected, f"rank {dist.get_rank()}: group {actual} != documented {expected}"
 
 
+class GradientReductions:
+    """Counts the all-reduce and reduce-scatter calls made inside booster.backward: the gradient reductions
+    (ZeRO-0's sync_dp_grads, the ZeRO optimizer's buckets); the loss-part and norm reductions lie outside it."""
+
+    def __init__(self):
+        self.count, self.inside = 0, False
+        for name in ("all_reduce", "reduce_scatter", "reduce_scatter_tensor"):
+            setattr(dist, name, self._counted(getattr(dist, name)))
+
+    def _counted(self, collective):
+        def counted(*args, **kwargs):
+            self.count += self.inside
+            return collective(*args, **kwargs)
+        return counted
+
+    def watch(self, booster) -> None:
+        backward = booster.backward
+
+        def counted_backward(*args, **kwargs):
+            self.inside = True
+            try:
+                return backward(*args, **kwargs)
+            finally:
+                self.inside = False
+        booster.backward = counted_backward
+
+
+REDUCTIONS = None  # GradientReductions, installed by main
+
+
 def boosted(case: dict, config):
     parallel = ParallelConfig(plugin=case["plugin"], zero_stage=case["zero"], precision=case["precision"],
                               extra_dp_size=case.get("extra_dp_size", 1), pp_size=case.get("pp", 1),
@@ -46,6 +79,9 @@ def boosted(case: dict, config):
                               comm_overlap_chunks=case.get("overlap") or 1)
     plugin, layout = build_plugin(parallel, config)
     booster = Booster(plugin=plugin)
+    REDUCTIONS.watch(booster)
+    if case.get("sync_each"):
+        booster.no_sync = lambda *args: nullcontext()
     model = make_model(config, case.get("starve", False))
     optimizer = make_optimizer(model.parameters(), case.get("optimizer", "adamw"))
     model, optimizer, *_ = booster.boost(model, optimizer)
@@ -54,12 +90,14 @@ def boosted(case: dict, config):
     return plugin, layout, booster, model, optimizer
 
 
-def train_step(plugin, layout, booster, model, optimizer, shard) -> tuple[list, float]:
+def train_step(plugin, layout, booster, model, optimizer, shard, accum: int) -> tuple[list, float]:
     if layout.is_pipeline:
         parts = pipeline_forward_backward(booster, model, optimizer, [shard], plugin.dp_group, plugin.pp_group,
                                           torch.device("cpu"))
     else:
-        parts = forward_backward(booster, model, optimizer, [shard], plugin.dp_group, torch.device("cpu"))
+        per_mb = shard["input_ids"].shape[0] // accum
+        micro_batches = [{k: v[i:i + per_mb] for k, v in shard.items()} for i in range(0, accum * per_mb, per_mb)]
+        parts = forward_backward(booster, model, optimizer, micro_batches, plugin.dp_group, torch.device("cpu"))
     optimizer.step()
     norm = optimizer.get_grad_norm()
     optimizer.zero_grad()
@@ -74,7 +112,7 @@ def run_case(case: dict, out_dir: str) -> None:
 
     batch = make_batch()
     shard = routing_groups(batch, layout.dp_size, None)[layout.data_parallel_rank]
-    losses, norms = [], []
+    losses, norms, reductions = [], [], []
     if case.get("eval_only"):  # forward only: the LM loss of the whole batch, summed over the DP shards
         model.eval()
         num_items = float((batch["labels"][:, 1:] != -100).sum())
@@ -83,9 +121,11 @@ def run_case(case: dict, out_dir: str) -> None:
         dist.all_reduce(lm_loss, group=plugin.dp_group)
         losses.append([float(lm_loss), 0.0, 0.0])
     for step in range(0 if case.get("eval_only") else STEPS):
-        loss, norm = train_step(plugin, layout, booster, model, optimizer, shard)
+        before = REDUCTIONS.count
+        loss, norm = train_step(plugin, layout, booster, model, optimizer, shard, case.get("accum", 1))
         losses.append(loss)
         norms.append(norm)
+        reductions.append(REDUCTIONS.count - before)
         if case.get("resume_at") == step + 1:
             # Save model and optimizer, rebuild everything from scratch (fresh weights), load, continue.
             where = os.path.join(out_dir, f"{case['name']}-resume")
@@ -108,13 +148,15 @@ def run_case(case: dict, out_dir: str) -> None:
         chunks = sorted({layer.dispatcher.overlap_chunks for layer in model.unwrap().moe_layers()
                          if isinstance(layer.dispatcher, AllToAllDispatch)})
         torch.save({"losses": losses, "norms": norms, "state": merged, "layout": layout.describe(),
-                    "overlap_chunks": chunks},
+                    "overlap_chunks": chunks, "reductions": reductions},
                    os.path.join(out_dir, f"{case['name']}.pt"))
     dist.barrier()
 
 
 def main():
+    global REDUCTIONS
     out_dir, cases = sys.argv[1], [json.loads(c) for c in sys.argv[2:]]
+    REDUCTIONS = GradientReductions()
     init_distributed(seed=1)
     for case in cases:
         run_case(case, out_dir)
