@@ -7,11 +7,13 @@ micro-batch) and accumulates: LM loss summed over all target tokens / global cou
 over the groups. Every correct layout must reproduce its losses, gradient norms and parameters.
 """
 
+import json
 import os
 import subprocess
 import sys
 
 import torch
+import torch.distributed as dist
 
 from moe_system.model import OpenMoeConfig, OpenMoeForCausalLM
 
@@ -110,3 +112,12 @@ def launch(worker: str, nproc: int, args: list[str], timeout: int, nnodes: int =
     cmd = ["timeout", "-k", "5", str(timeout), sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", os.path.join(REPO, "tests", "workers", worker), *args]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+
+
+def write_records_and_leave(records: list, out_path: str, world: int) -> None:
+    """A worker's last act: rank 0 writes what every case measured, then every rank leaves the process group."""
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump({"world": world, "records": records}, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()

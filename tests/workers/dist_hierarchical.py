@@ -11,7 +11,6 @@ whatever torchrun's own LOCAL_WORLD_SIZE. Two levels of checks, each against the
 Rank 0 writes the largest differences over all ranks.
 """
 
-import json
 import os
 import sys
 
@@ -20,7 +19,7 @@ import torch.distributed as dist
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS), os.path.join(TESTS, "workers")]
-from dist_common import make_batch, make_config, make_model, routing_groups  # noqa: E402
+from dist_common import make_batch, make_config, make_model, routing_groups, write_records_and_leave  # noqa: E402
 from dist_overlap import compare, max_over_ranks, run  # noqa: E402
 
 from moe_system.moe.all_to_all import all_to_all, launch, wait  # noqa: E402
@@ -98,11 +97,7 @@ def main():
             for layer in model.moe_layers():
                 layer.dispatcher.node_groups = None
             records.append({"kind": "layer", "dispatch": dispatch, "starve": starve, "chunks": chunks, **diffs})
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump({"world": world, "records": records}, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    write_records_and_leave(records, out_path, world)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ other chunk counts, and non-reentrant activation checkpointing (the forward, col
 inside the backward), must reproduce them. Rank 0 writes the largest differences over all ranks.
 """
 
-import json
 import os
 import sys
 
@@ -19,7 +18,7 @@ import torch.distributed as dist
 # Run as a script: its own folder (tests/workers) is on sys.path; dist_common and moe_system are not.
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
-from dist_common import make_batch, make_config, make_model, routing_groups  # noqa: E402
+from dist_common import make_batch, make_config, make_model, routing_groups, write_records_and_leave  # noqa: E402
 
 from moe_system.moe.expert_parallel import shard_experts  # noqa: E402
 
@@ -98,11 +97,7 @@ def main():
         records.append({"dispatch": dispatch, "starve": starve, "chunks": 4, "eval": True, "out_abs_diff": diff})
         counts = sum(layer.last_counts for layer in model.moe_layers())
         records[-1]["unrouted_experts"] = int((counts == 0).sum())
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump({"world": world, "records": records}, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    write_records_and_leave(records, out_path, world)
 
 
 if __name__ == "__main__":
