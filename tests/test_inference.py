@@ -369,3 +369,65 @@ def test_no_padding_forward_drops_the_mask(model, monkeypatch):
         unmasked = model(input_ids=ids, attention_mask=ones, no_padding=True).logits
     assert calls and all(c == {"queries": 9, "mask": False, "causal": True} for c in calls)
     torch.testing.assert_close(unmasked, masked, rtol=1e-5, atol=1e-5)
+
+
+# --- KV cache ----------------------------------------------------------------------------------------------
+
+class CacheCats(torch.overrides.TorchFunctionMode):
+    """Counts torch.cat calls along the sequence axis of [B, heads, T, head_dim] tensors: a KV cache growing."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.cat:
+            tensors, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            self.count += tensors[0].ndim == 4 and dim in (2, -2)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS, PROMPTS[:1], ["The capital of France is", "The capital of Spain is"]],
+                         ids=["left_padded", "single", "unpadded"])
+def test_preallocated_cache_generates_the_dynamic_cache_tokens(model, generator, prompts):
+    """Greedy ids from the generator's preallocated cache equal those of generate()'s own DynamicCache."""
+    from moe_system.inference.kv_cache import PreallocatedCache
+    ids = [generator.encode(p) for p in prompts]
+    input_ids, mask = generator.left_pad(ids)
+    no_padding = len({len(i) for i in ids}) == 1
+    with CacheCats() as cats:
+        reference = model.generate(input_ids=input_ids, attention_mask=mask, no_padding=no_padding,
+                                   generation_config=greedy().generation_config(model.config, 12))
+    assert cats.count > 0  # the reference really is the concatenating cache
+    used = []
+    real_init = PreallocatedCache.__init__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PreallocatedCache, "__init__", lambda self, *a: (used.append(self), real_init(self, *a))[1])
+        completions = generator.generate(prompts, greedy())
+    assert len(used) == 1 and used[0].get_seq_length() > input_ids.shape[1]
+    for row, completion in zip(reference, completions):
+        new = row[input_ids.shape[1]:].tolist()
+        assert completion.token_ids == new[:len(completion.token_ids)] and len(completion.token_ids) > 0
+
+
+def test_decoding_writes_the_cache_in_place(generator, monkeypatch):
+    """No per-token concatenation: every layer's keys live in one buffer for the whole generation."""
+    key_ptrs = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        key_ptrs.append((q.shape[-2], k.shape[-2], k.data_ptr()))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with CacheCats() as cats:
+        (completion,) = generator.generate([PROMPTS[1]], greedy(8))
+    assert cats.count == 0
+    layers = generator.config.num_hidden_layers
+    decode = [call for call in key_ptrs if call[0] == 1]
+    assert len(decode) >= 2 * layers and len(completion.token_ids) == len(decode) // layers + 1
+    for layer in range(layers):
+        steps = decode[layer::layers]
+        assert len({ptr for _, _, ptr in steps}) == 1, steps  # the same buffer at every step...
+        assert [keys for _, keys, _ in steps] == list(range(steps[0][1], steps[0][1] + len(steps)))  # ...growing
