@@ -431,3 +431,37 @@ def test_decoding_writes_the_cache_in_place(generator, monkeypatch):
         steps = decode[layer::layers]
         assert len({ptr for _, _, ptr in steps}) == 1, steps  # the same buffer at every step...
         assert [keys for _, keys, _ in steps] == list(range(steps[0][1], steps[0][1] + len(steps)))  # ...growing
+
+
+# --- offloaded experts -------------------------------------------------------------------------------------
+
+def test_offloaded_experts_copy_only_the_chosen_ones(tmp_path, tokenizer):
+    """Experts kept on disk or in CPU memory under an expert-aware map: the same greedy tokens as the model fully
+    loaded, and a one-token forward brings at most top_k / E of an MoE layer's expert bytes to the device."""
+    from moe_system.inference.device_map import load_dispatched
+    from moe_system.inference.expert_offload import ChosenExpertsFetch
+    path = save_checkpoint(tmp_path / "ckpt", tokenizer, num_experts=8)
+    full = OpenMoeForCausalLM.from_pretrained(path).eval()
+    expected = [c.token_ids for c in Generator(full, tokenizer).generate(PROMPTS, greedy(6))]
+    layer_bytes = sum(w.numel() * w.element_size() for w in full.model.layers[1].mlp.experts.parameters())
+    device_map = {name: "disk" if is_experts else "cpu" for name, is_experts in placement_units(full)}
+    model = load_dispatched(str(path), device_map, torch.float32, str(tmp_path / "offload"))
+    fetchers = [m.forward for m in model.modules() if isinstance(m.forward, ChosenExpertsFetch)]
+    assert len(fetchers) == len(model.config.moe_layer_indices)
+    assert [c.token_ids for c in Generator(model, tokenizer).generate(PROMPTS, greedy(6))] == expected
+    share = model.config.router_topk / model.config.num_experts
+    for tokens in ([[0, 42]], [[7]]):
+        before = [f.bytes_copied for f in fetchers]
+        with torch.no_grad():
+            model(input_ids=torch.tensor(tokens))
+        for start, fetch in zip(before, fetchers):  # each token brings at most its top_k experts
+            assert 0 < fetch.bytes_copied - start <= len(tokens[0]) * share * layer_bytes
+
+
+def test_offloaded_experts_read_only_the_chosen_rows():
+    """Experts kept in CPU memory (accelerate's in-memory state dict) or in safetensors: the chosen rows."""
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+    from moe_system.inference.expert_offload import stored_rows
+    wo = torch.randn(8, 3, 5)
+    in_memory = PrefixedDataset(OffloadedWeightsLoader(state_dict={"layer.experts.wo": wo}), "layer.experts.")
+    assert torch.equal(stored_rows(in_memory, "wo", [1, 6]), wo[[1, 6]])
