@@ -578,3 +578,27 @@ def test_train_script_one_process_world(device, tmp_path):
     assert math.isfinite(summary["final_lm_loss"])
     if ON_CUDA:
         assert memory and memory[-1] > 0, "train.py did not run on the GPU (no CUDA memory was recorded)"
+
+
+# --- offloaded experts fetched to the device ---------------------------------------------------------------------
+
+def test_chosen_experts_fetch_matches_resident_experts(device):
+    """Experts in (pinned-staged) CPU memory, copied non_blocking to the device: the resident experts' rows."""
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+    from moe_system.inference.expert_offload import ChosenExpertsFetch
+    from moe_system.moe.experts import GroupedExperts
+    torch.manual_seed(0)
+    experts = GroupedExperts(8, 64, 128)
+    experts.reset_parameters(1.0)
+    stored = PrefixedDataset(OffloadedWeightsLoader(state_dict={f"e.{n}": p.detach() for n, p in
+                                                                experts.named_parameters()}), "e.")
+    fetch = ChosenExpertsFetch(experts, stored, device)
+    counts = torch.tensor([0, 3, 0, 0, 2, 0, 0, 1], device=device)
+    rows = torch.randn(6, 64, device=device)
+    with torch.no_grad():
+        out = fetch(rows, counts)
+        expected = experts.to(device)(rows, counts)
+    layer_bytes = sum(p.numel() * p.element_size() for p in experts.parameters())
+    report("chosen experts fetch", err=rel_err(out, expected), bytes_share=fetch.bytes_copied / layer_bytes)
+    assert out.device == rows.device and rel_err(out, expected) < FP32_TOL
+    assert fetch.bytes_copied == 3 * layer_bytes // 8

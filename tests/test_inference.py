@@ -369,3 +369,99 @@ def test_no_padding_forward_drops_the_mask(model, monkeypatch):
         unmasked = model(input_ids=ids, attention_mask=ones, no_padding=True).logits
     assert calls and all(c == {"queries": 9, "mask": False, "causal": True} for c in calls)
     torch.testing.assert_close(unmasked, masked, rtol=1e-5, atol=1e-5)
+
+
+# --- KV cache ----------------------------------------------------------------------------------------------
+
+class CacheCats(torch.overrides.TorchFunctionMode):
+    """Counts torch.cat calls along the sequence axis of [B, heads, T, head_dim] tensors: a KV cache growing."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.cat:
+            tensors, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            self.count += tensors[0].ndim == 4 and dim in (2, -2)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS, PROMPTS[:1], ["The capital of France is", "The capital of Spain is"]],
+                         ids=["left_padded", "single", "unpadded"])
+def test_preallocated_cache_generates_the_dynamic_cache_tokens(model, generator, prompts):
+    """Greedy ids from the generator's preallocated cache equal those of generate()'s own DynamicCache."""
+    from moe_system.inference.kv_cache import PreallocatedCache
+    ids = [generator.encode(p) for p in prompts]
+    input_ids, mask = generator.left_pad(ids)
+    no_padding = len({len(i) for i in ids}) == 1
+    with CacheCats() as cats:
+        reference = model.generate(input_ids=input_ids, attention_mask=mask, no_padding=no_padding,
+                                   generation_config=greedy().generation_config(model.config, 12))
+    assert cats.count > 0  # the reference really is the concatenating cache
+    used = []
+    real_init = PreallocatedCache.__init__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PreallocatedCache, "__init__", lambda self, *a: (used.append(self), real_init(self, *a))[1])
+        completions = generator.generate(prompts, greedy())
+    assert len(used) == 1 and used[0].get_seq_length() > input_ids.shape[1]
+    for row, completion in zip(reference, completions):
+        new = row[input_ids.shape[1]:].tolist()
+        assert completion.token_ids == new[:len(completion.token_ids)] and len(completion.token_ids) > 0
+
+
+def test_decoding_writes_the_cache_in_place(generator, monkeypatch):
+    """No per-token concatenation: every layer's keys live in one buffer for the whole generation."""
+    key_ptrs = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        key_ptrs.append((q.shape[-2], k.shape[-2], k.data_ptr()))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with CacheCats() as cats:
+        (completion,) = generator.generate([PROMPTS[1]], greedy(8))
+    assert cats.count == 0
+    layers = generator.config.num_hidden_layers
+    decode = [call for call in key_ptrs if call[0] == 1]
+    assert len(decode) >= 2 * layers and len(completion.token_ids) == len(decode) // layers + 1
+    for layer in range(layers):
+        steps = decode[layer::layers]
+        assert len({ptr for _, _, ptr in steps}) == 1, steps  # the same buffer at every step...
+        assert [keys for _, keys, _ in steps] == list(range(steps[0][1], steps[0][1] + len(steps)))  # ...growing
+
+
+# --- offloaded experts -------------------------------------------------------------------------------------
+
+def test_offloaded_experts_copy_only_the_chosen_ones(tmp_path, tokenizer):
+    """Experts kept on disk or in CPU memory under an expert-aware map: the same greedy tokens as the model fully
+    loaded, and a one-token forward brings at most top_k / E of an MoE layer's expert bytes to the device."""
+    from moe_system.inference.device_map import load_dispatched
+    from moe_system.inference.expert_offload import ChosenExpertsFetch
+    path = save_checkpoint(tmp_path / "ckpt", tokenizer, num_experts=8)
+    full = OpenMoeForCausalLM.from_pretrained(path).eval()
+    expected = [c.token_ids for c in Generator(full, tokenizer).generate(PROMPTS, greedy(6))]
+    layer_bytes = sum(w.numel() * w.element_size() for w in full.model.layers[1].mlp.experts.parameters())
+    device_map = {name: "disk" if is_experts else "cpu" for name, is_experts in placement_units(full)}
+    model = load_dispatched(str(path), device_map, torch.float32, str(tmp_path / "offload"))
+    fetchers = [m.forward for m in model.modules() if isinstance(m.forward, ChosenExpertsFetch)]
+    assert len(fetchers) == len(model.config.moe_layer_indices)
+    assert [c.token_ids for c in Generator(model, tokenizer).generate(PROMPTS, greedy(6))] == expected
+    share = model.config.router_topk / model.config.num_experts
+    for tokens in ([[0, 42]], [[7]]):
+        before = [f.bytes_copied for f in fetchers]
+        with torch.no_grad():
+            model(input_ids=torch.tensor(tokens))
+        for start, fetch in zip(before, fetchers):  # each token brings at most its top_k experts
+            assert 0 < fetch.bytes_copied - start <= len(tokens[0]) * share * layer_bytes
+
+
+def test_offloaded_experts_read_only_the_chosen_rows():
+    """Experts kept in CPU memory (accelerate's in-memory state dict) or in safetensors: the chosen rows."""
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+    from moe_system.inference.expert_offload import stored_rows
+    wo = torch.randn(8, 3, 5)
+    in_memory = PrefixedDataset(OffloadedWeightsLoader(state_dict={"layer.experts.wo": wo}), "layer.experts.")
+    assert torch.equal(stored_rows(in_memory, "wo", [1, 6]), wo[[1, 6]])

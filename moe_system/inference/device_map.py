@@ -19,6 +19,7 @@ from accelerate.utils import (check_device_map, compute_module_sizes, convert_fi
 from transformers import AutoModelForCausalLM
 
 from ..model.convert import load_pretrained_strict
+from .expert_offload import fetch_only_chosen_experts
 from .loading import InferenceError
 
 STRATEGIES = ("balanced", "sequential")
@@ -173,4 +174,5 @@ def load_dispatched(path: str, device_map: dict, dtype: torch.dtype, offload_fol
         if name.endswith(".mlp.experts") and hook is not None:
             # Experts may run on another device than their layer: hand the rows back where they came from.
             hook.io_same_device = True
+    fetch_only_chosen_experts(model)
     return model.eval()

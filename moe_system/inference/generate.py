@@ -14,6 +14,8 @@ import torch
 from transformers import GenerationConfig, StoppingCriteriaList
 
 from ..data import prompt_ids
+from ..model.modeling import CACHE_FIELD
+from .kv_cache import PreallocatedCache
 from .loading import InferenceError
 from .stopping import CONTEXT_TOKENS, StopStrings, continuation_text, find_stop
 
@@ -140,7 +142,10 @@ class Generator:
         start = time.perf_counter()
         # Prompts of one length: no padding, so the model attends causally without a mask (flash attention).
         no_padding = len({len(ids) for ids in prompt_ids}) == 1
+        # Sized for the whole generation up front, so decoding writes each token's keys and values in place.
+        cache = PreallocatedCache(self.config.num_hidden_layers, input_ids.shape[1] + max_new)
         out = self.model.generate(input_ids=input_ids, attention_mask=mask, no_padding=no_padding,
+                                  **{CACHE_FIELD: cache},
                                   generation_config=settings.generation_config(self.config, max_new),
                                   stopping_criteria=StoppingCriteriaList([stops]), streamer=streamer)
         seconds = time.perf_counter() - start
