@@ -3,7 +3,8 @@
 * chunk sizes and flag parsing (pure);
 * layer/model level on 2 and 4 gloo processes (tests/workers/dist_overlap.py): losses, MoE outputs and every gradient
   with 2, 3, 4 and 7 chunks against one plain exchange, in dropless and capacity modes, with experts that get
-  no token, under non-reentrant activation checkpointing, and in eval;
+  no token, under non-reentrant activation checkpointing (full and selective), and in eval; the all-to-alls
+  each forward and backward issue;
 * train.py under torchrun, 4 processes, --plugin hybrid (pipeline x EP): the logged losses with
   --comm_overlap (and activation checkpointing) equal those without.
 Plugin-level parity of ep, ep_zero and hybrid with --comm_overlap is in test_parallel.py (OVERLAP_TWINS).
@@ -71,7 +72,7 @@ def test_overlapped_layers_match_the_plain_exchange(layer_parity):
             if r["starve"]:
                 assert r["unrouted_experts"] > 0, r  # a rank really received no rows
             continue
-        name += " checkpointing" * r["checkpointing"]
+        name += f" checkpointing={r['checkpointing']}" * bool(r["checkpointing"])
         lines.append(f"{name}: loss {r['loss_abs_diff']:.2g}, out {r['out_rel_diff']:.2g}, expert grads "
                      f"{r['expert_grad_rel_diff']:.2g}, other grads {r['other_grad_rel_diff']:.2g} (relative)")
         assert r["loss_abs_diff"] <= LOSS_TOL, r
@@ -82,8 +83,8 @@ def test_overlapped_layers_match_the_plain_exchange(layer_parity):
 
 @pytest.mark.distributed
 def test_checkpointing_recomputes_the_overlapped_exchange_exactly(layer_parity):
-    """Non-reentrant checkpointing re-runs the forward (its collectives too) inside the backward: the result is
-    bit for bit the one without checkpointing."""
+    """Non-reentrant checkpointing re-runs the forward (fully: its collectives too) inside the backward: the result
+    is bit for bit the one without checkpointing."""
     plain = {(r["dispatch"], r["starve"], r["chunks"]): r for r in layer_parity
              if not r.get("eval") and not r["checkpointing"]}
     for r in layer_parity:
@@ -95,6 +96,25 @@ def test_checkpointing_recomputes_the_overlapped_exchange_exactly(layer_parity):
         else:
             assert {k: v for k, v in r.items() if k.endswith("diff")} == \
                    {k: v for k, v in plain[key].items() if k.endswith("diff")}, r
+
+
+@pytest.mark.distributed
+def test_selective_recompute_never_replays_the_all_to_alls(layer_parity):
+    """Full recompute replays every MoE layer's count exchange and row exchanges inside the backward; selective
+    recompute leaves the backward's all-to-alls those of a run without checkpointing."""
+    plain = {(r["dispatch"], r["starve"], r["chunks"]): r for r in layer_parity
+             if not r.get("eval") and not r["checkpointing"]}
+    checked = set()
+    for r in layer_parity:
+        if r.get("eval") or not r["checkpointing"]:
+            continue
+        base = plain[(r["dispatch"], r["starve"], r["chunks"])]
+        assert r["forward_all_to_alls"] == base["forward_all_to_alls"] > 0, r
+        assert base["backward_all_to_alls"] > 0, base
+        replayed = base["forward_all_to_alls"] if r["checkpointing"] == "full" else 0
+        assert r["backward_all_to_alls"] == base["backward_all_to_alls"] + replayed, (r, base)
+        checked.add(r["checkpointing"])
+    assert checked == {"full", "selective"}
 
 
 def _train(tmp_path, name: str, extra: list[str]):

@@ -132,6 +132,78 @@ def test_checkpointing_gives_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def train_step(recompute, ids, **overrides):
+    """A tiny model's gradients after one loss.backward: recompute None (no checkpointing), "selective" or "full"."""
+    model = tiny(**overrides).train()
+    model.model.gradient_checkpointing = recompute is not None
+    model.model.recompute = recompute or "selective"
+    model(ids, labels=ids).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_selective_recompute_gives_exactly_the_gradients_without_checkpointing(dispatch):
+    # Router noise on: selective recompute never replays the router, so its random draw happens once either way.
+    overrides = dict(dispatch=dispatch, capacity_factor_train=0.5, router_noise="jitter")
+    ids = torch.randint(3, 1024, (2, 16))
+    plain = train_step(None, ids, **overrides)
+    selective = train_step("selective", ids, **overrides)
+    assert plain.keys() == selective.keys() and all(g is not None for g in selective.values())
+    # Recompute replays the very same ops on the same inputs: bit for bit the same, dense and MoE layers alike.
+    different = [n for n in plain if not torch.equal(plain[n], selective[n])]
+    assert not different, different
+
+
+def saved_activation_bytes(model, ids, monkeypatch) -> int:
+    """Bytes of the distinct activation storages one forward leaves for its backward: what autograd saves outside
+    checkpoints, and the inputs a checkpoint holds to recompute from (parameters excluded)."""
+    from moe_system.model import modeling
+    from moe_system.moe import experts
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}  # data_ptr -> storage, held so that no address is reused while counting
+
+    def keep(t):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage()
+        return t
+
+    real = modeling.checkpoint
+
+    def counted_checkpoint(fn, *args, **kwargs):
+        for arg in args:
+            keep(arg)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "checkpoint", counted_checkpoint)
+    monkeypatch.setattr(experts, "checkpoint", counted_checkpoint)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(ids, labels=ids)
+    return sum(s.nbytes() for s in kept.values())
+
+
+def test_selective_recompute_saves_activations_between_none_and_full(monkeypatch):
+    ids = torch.randint(3, 1024, (4, 32))
+    saved = {}
+    for recompute in (None, "selective", "full"):
+        model = tiny().train()
+        model.model.gradient_checkpointing = recompute is not None
+        model.model.recompute = recompute or "selective"
+        saved[recompute] = saved_activation_bytes(model, ids, monkeypatch)
+    print(f"activation bytes saved for backward: {saved}")
+    assert saved["full"] < saved["selective"] < saved[None]
+
+
+def test_recompute_flag():
+    from moe_system.training.args import parse_args
+
+    assert parse_args(["--gradient_checkpointing"]).recompute == "selective"
+    assert parse_args(["--gradient_checkpointing", "--recompute", "full"]).recompute == "full"
+    for bad in (["--gradient_checkpointing", "--recompute", "attention"], ["--recompute", "full"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
 def test_decoder_in_stages_equals_the_whole_model():
     """What a pipeline stage runs: its layers from the previous stage's hidden states and router-loss sums."""
     model = tiny(num_hidden_layers=4)

@@ -16,10 +16,15 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..moe.experts import swiglu3
+from ..moe.experts import recomputed_swiglu, swiglu3
 from ..moe.layer import OpenMoeSparseMLP
 from .config import OpenMoeConfig
 from .loss import chunked_lm_loss, router_loss
+
+# What activation checkpointing recomputes in backward (docs/model.md, Activation recompute): "full" replays whole
+# decoder layers, the MoE layers' expert exchanges included; "selective" replays the attention blocks and the
+# SwiGLU products only, never routing, dispatch or combine.
+RECOMPUTE_MODES = ("selective", "full")
 
 
 class OpenMoeRMSNorm(nn.Module):
@@ -111,16 +116,25 @@ class OpenMoeDecoderLayer(nn.Module):
             self.pre_extra_mlp_layernorm = OpenMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
             self.extra_mlp = OpenMoeMLP(config)
 
-    def forward(self, x, cos, sin, attn_mask=None, past_key_values=None):
-        """Returns (hidden, aux_loss, z_loss); the losses are zero scalars for a dense layer."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, past_key_values)
-        if not self.is_moe:
-            zero = x.new_zeros((), dtype=torch.float32)
-            return x + self.mlp(self.post_attention_layernorm(x)), zero, zero
-        moe_out, aux_loss, z_loss = self.mlp(self.post_attention_layernorm(x))
-        x = x + moe_out
-        # The released checkpoint applies the always-on dense FFN after the MoE residual, with its own norm.
-        x = x + self.extra_mlp(self.pre_extra_mlp_layernorm(x))
+    def attention(self, x, cos, sin, attn_mask=None, past_key_values=None):
+        return self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, past_key_values)
+
+    def forward(self, x, cos, sin, attn_mask=None, past_key_values=None, recompute: bool = False):
+        """Returns (hidden, aux_loss, z_loss); the losses are zero scalars for a dense layer. recompute: selective
+        activation recompute, the attention block and every SwiGLU product recomputed in backward."""
+        if recompute:  # no randomness inside: no RNG state to keep
+            x = x + checkpoint(self.attention, x, cos, sin, attn_mask, past_key_values, use_reentrant=False,
+                               preserve_rng_state=False)
+        else:
+            x = x + self.attention(x, cos, sin, attn_mask, past_key_values)
+        with recomputed_swiglu(recompute):
+            if not self.is_moe:
+                zero = x.new_zeros((), dtype=torch.float32)
+                return x + self.mlp(self.post_attention_layernorm(x)), zero, zero
+            moe_out, aux_loss, z_loss = self.mlp(self.post_attention_layernorm(x))
+            x = x + moe_out
+            # The released checkpoint applies the always-on dense FFN after the MoE residual, with its own norm.
+            x = x + self.extra_mlp(self.pre_extra_mlp_layernorm(x))
         return x, aux_loss, z_loss
 
 
@@ -172,6 +186,7 @@ class OpenMoeModel(OpenMoePreTrainedModel):
         self.norm = OpenMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = OpenMoeRotaryEmbedding(config.head_dim, config.rope_theta)
         self.gradient_checkpointing = False
+        self.recompute = "selective"  # what gradient_checkpointing recomputes: one of RECOMPUTE_MODES
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -195,12 +210,15 @@ class OpenMoeModel(OpenMoePreTrainedModel):
 
         zero = x.new_zeros((), dtype=torch.float32)
         aux_sum, z_sum = router_sums if router_sums is not None else (zero, zero)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if recompute and self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"unknown recompute mode {self.recompute!r}; use one of {', '.join(RECOMPUTE_MODES)}")
         for layer in self.layers[layers]:
-            if self.gradient_checkpointing and self.training:
+            if recompute and self.recompute == "full":
                 # Non-reentrant: the router losses returned from inside keep their graph and train the gate.
                 x, aux, z = checkpoint(layer, x, cos, sin, mask, past_key_values, use_reentrant=False)
             else:
-                x, aux, z = layer(x, cos, sin, mask, past_key_values)
+                x, aux, z = layer(x, cos, sin, mask, past_key_values, recompute=recompute)
             if layer.is_moe:
                 aux_sum, z_sum = aux_sum + aux, z_sum + z
         num_moe = max(len(self.config.moe_layer_indices), 1)

@@ -5,10 +5,30 @@ three-way SwiGLU: wo( g[:I] * silu(g[I:]) * up ), with g = x @ wi_gate and up = 
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+_recompute_swiglu = False
+
+
+@contextmanager
+def recomputed_swiglu(enabled: bool = True):
+    """While enabled, every swiglu3 that autograd records keeps only its inputs and recomputes its product in
+    backward (selective activation recompute, docs/model.md)."""
+    global _recompute_swiglu
+    before, _recompute_swiglu = _recompute_swiglu, enabled
+    try:
+        yield
+    finally:
+        _recompute_swiglu = before
+
+
+def _swiglu3_product(linear: torch.Tensor, gated: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return linear * F.silu(gated) * up
 
 
 def swiglu3(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -16,7 +36,11 @@ def swiglu3(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     Where no gradient is needed, gate and up (fresh GEMM outputs at every caller) are overwritten."""
     linear, gated = gate.chunk(2, dim=-1)
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return linear * F.silu(gated) * up
+        if _recompute_swiglu:
+            # Backward then holds gate and up (3I per row) but not silu(gated) and linear * silu(gated) (2I
+            # more), which it recomputes with the same two elementwise ops: the gradients are bit for bit equal.
+            return checkpoint(_swiglu3_product, linear, gated, up, use_reentrant=False, preserve_rng_state=False)
+        return _swiglu3_product(linear, gated, up)
     # No backward to feed (inference): work in the projections' own memory instead of three [N, I] temporaries.
     return up.mul_(F.silu(gated, inplace=True).mul_(linear))
 

@@ -13,6 +13,7 @@ from ..data import DataError
 from ..data.mixture import parse_sources
 from ..data.records import is_hub_dataset
 from ..model.config import DISPATCH_MODES, PRESETS, ROUTER_NOISE, OpenMoeConfig
+from ..model.modeling import RECOMPUTE_MODES
 
 PRESET_DEFAULTS = {
     # tiny: the embedded demo, sized to learn the bundled tasks in a few minutes on 2 CPU cores. lr 1e-3, not
@@ -50,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aux-loss-free balancing (DeepSeek-V3): per-expert selection bias step; 0 disables")
     g.add_argument("--expert_init_scale", type=float, default=None,
                    help="Switch-style init: experts and gate ~ N(0, scale/fan_in); default 0.1")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute decoder layers in backward")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--recompute", default="selective", choices=RECOMPUTE_MODES,
+                   help="with --gradient_checkpointing: selective (attention blocks and SwiGLU products; never the "
+                   "expert all-to-alls) or full (whole decoder layers)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="bundled",
@@ -219,7 +223,8 @@ def conflicts(args, given: set[str]):
     pipeline = args.plugin == "hybrid" and args.pp_size > 1
     if "microbatch_size" in given and args.plugin == "hybrid" and not pipeline:
         yield "--microbatch_size splits the batch for a pipeline, and --pp_size 1 has none; drop --microbatch_size"
-    for flag, needs in (("load_balance_interval", "load_balance"), ("comm_overlap_chunks", "comm_overlap")):
+    for flag, needs in (("load_balance_interval", "load_balance"), ("comm_overlap_chunks", "comm_overlap"),
+                         ("recompute", "gradient_checkpointing")):
         if flag in given and not getattr(args, needs):
             yield f"--{flag} applies with --{needs} only; pass --{needs} or drop --{flag}"
     if args.ul2_weights and args.objective != "ul2":

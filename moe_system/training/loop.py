@@ -100,6 +100,7 @@ def run_training(args, earlier_run: list[str]) -> dict:
     model = build_model(args, config, plugin)
     if args.gradient_checkpointing:
         model.model.gradient_checkpointing = True
+        model.model.recompute = args.recompute
     optimizer = adamw(decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.warmup_steps, data.total_steps)
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)

@@ -5,8 +5,9 @@ Usage: torchrun --nproc_per_node N tests/workers/dist_overlap.py OUT_JSON
 The tiny OpenMoE with every MoE layer turned into an EP layer over the whole (gloo) world, each rank training on
 its shard of the parity batch. For every dispatch mode (and with experts that receive no token), the loss, the
 MoE layers' outputs and every gradient with overlap_chunks = 1 (one plain exchange each way) are the baseline;
-other chunk counts, and non-reentrant activation checkpointing (the forward, collectives included, re-runs
-inside the backward), must reproduce them. Rank 0 writes the largest differences over all ranks.
+other chunk counts, and non-reentrant activation checkpointing (full: the forward, collectives included, re-runs
+inside the backward; selective: no collective re-runs), must reproduce them. Rank 0 writes the largest
+differences over all ranks, and how many all-to-alls its forward and its backward issued.
 """
 
 import os
@@ -22,26 +23,46 @@ from dist_common import make_batch, make_config, make_model, routing_groups, wri
 
 from moe_system.moe.expert_parallel import shard_experts  # noqa: E402
 
-VARIANTS = [(1, True), (2, False), (3, False), (4, False), (4, True), (7, False)]  # (chunks, checkpointing)
+# (chunks, what checkpointing recomputes: None for no checkpointing)
+VARIANTS = [(1, None), (1, "selective"), (1, "full"), (2, None), (3, None), (4, None), (4, "selective"), (4, "full"),
+            (7, None)]
 
 
-def run(model, shard, num_items, chunks: int, checkpointing: bool, train: bool = True):
+class CountedAllToAll:
+    """dist.all_to_all_single, counting its calls (the count exchange and every row exchange)."""
+
+    def __init__(self):
+        self.real, self.calls = dist.all_to_all_single, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.real(*args, **kwargs)
+
+
+def run(model, shard, num_items, chunks: int, checkpointing: str | None, train: bool = True, counts: dict = None):
+    """counts, if given, receives the number of all-to-alls the forward and the backward issued."""
     layers = model.moe_layers()
     for layer in layers:
         layer.dispatcher.overlap_chunks = chunks
-    model.model.gradient_checkpointing = checkpointing
+    model.model.gradient_checkpointing = checkpointing is not None
+    model.model.recompute = checkpointing or "selective"
     model.train(train)
-    outputs = []  # checkpointing runs each layer twice: the first len(layers) are the forward's
+    outputs = []  # full recompute runs each layer twice: the first len(layers) are the forward's
     hooks = [m.register_forward_hook(lambda mod, inp, out: outputs.append(out[0].detach().clone())) for m in layers]
     model.zero_grad(set_to_none=True)
+    counted = dist.all_to_all_single = CountedAllToAll()
     try:
         if not train:
             with torch.no_grad():
                 out = model(**shard, num_items_in_batch=num_items)
             return out.loss.detach(), outputs[:len(layers)], {}
         out = model(**shard, num_items_in_batch=num_items)
+        forward_calls = counted.calls
         out.loss.backward()
+        if counts is not None:
+            counts.update(forward_all_to_alls=forward_calls, backward_all_to_alls=counted.calls - forward_calls)
     finally:
+        dist.all_to_all_single = counted.real
         for hook in hooks:
             hook.remove()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
@@ -89,9 +110,10 @@ def main():
                 shard_experts(layer.mlp, ep_group=dist.group.WORLD)
         base = run(model, shard, num_items, 1, False)
         for chunks, checkpointing in VARIANTS:
-            diffs = compare(base, run(model, shard, num_items, chunks, checkpointing))
+            counts = {}
+            diffs = compare(base, run(model, shard, num_items, chunks, checkpointing, counts=counts))
             records.append({"dispatch": dispatch, "starve": starve, "chunks": chunks,
-                            "checkpointing": checkpointing, **diffs})
+                            "checkpointing": checkpointing, **diffs, **counts})
         eval_base, eval_chunked = (run(model, shard, num_items, c, False, train=False) for c in (1, 4))
         diff = max_over_ranks([max((a - b).abs().max().item() for a, b in zip(eval_base[1], eval_chunked[1]))])[0]
         records.append({"dispatch": dispatch, "starve": starve, "chunks": 4, "eval": True, "out_abs_diff": diff})
