@@ -197,9 +197,9 @@ def test_selective_recompute_saves_activations_between_none_and_full(monkeypatch
 def test_recompute_flag():
     from moe_system.training.args import parse_args
 
-    assert parse_args(["--gradient_checkpointing"]).recompute == "selective"
-    assert parse_args(["--gradient_checkpointing", "--recompute", "full"]).recompute == "full"
-    for bad in (["--gradient_checkpointing", "--recompute", "attention"], ["--recompute", "full"]):
+    assert parse_args(["--gradient_checkpointing"]).recompute == "full"  # what the memory planner models
+    assert parse_args(["--gradient_checkpointing", "--recompute", "selective"]).recompute == "selective"
+    for bad in (["--gradient_checkpointing", "--recompute", "attention"], ["--recompute", "selective"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 

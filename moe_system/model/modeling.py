@@ -186,7 +186,7 @@ class OpenMoeModel(OpenMoePreTrainedModel):
         self.norm = OpenMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = OpenMoeRotaryEmbedding(config.head_dim, config.rope_theta)
         self.gradient_checkpointing = False
-        self.recompute = "selective"  # what gradient_checkpointing recomputes: one of RECOMPUTE_MODES
+        self.recompute = "full"  # what gradient_checkpointing recomputes: one of RECOMPUTE_MODES
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,

@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert_init_scale", type=float, default=None,
                    help="Switch-style init: experts and gate ~ N(0, scale/fan_in); default 0.1")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    g.add_argument("--recompute", default="selective", choices=RECOMPUTE_MODES,
-                   help="with --gradient_checkpointing: selective (attention blocks and SwiGLU products; never the "
-                   "expert all-to-alls) or full (whole decoder layers)")
+    g.add_argument("--recompute", default="full", choices=RECOMPUTE_MODES,
+                   help="with --gradient_checkpointing: full (whole decoder layers: least memory, and what the "
+                   "memory planner's --checkpointing assumes) or selective (attention blocks and SwiGLU products; "
+                   "never the expert all-to-alls: less recompute and communication, more memory)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="bundled",
