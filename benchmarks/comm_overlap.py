@@ -158,8 +158,8 @@ def install_slow_experts(us_per_row: float, link):
     from moe_system.moe import expert_parallel
     real = expert_parallel.expert_ffn
 
-    def slow(x, counts, *weights, impl="auto"):
-        out = real(x, counts, *weights, impl=impl)
+    def slow(x, counts, *weights, **options):
+        out = real(x, counts, *weights, **options)
         seconds = x.shape[0] * us_per_row * 1e-6
         return _Busy.apply(out, seconds, 2 * seconds, link)
 
