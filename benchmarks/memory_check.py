@@ -43,11 +43,13 @@ class KeepGradMasterAdamW(MasterWeightAdamW):
             param.grad.zero_()
 
 
-def measure(cfg, precision: str, batch_size: int, max_length: int, checkpointing: bool, device) -> dict:
+def measure(cfg, precision: str, batch_size: int, max_length: int, checkpointing: bool, device,
+            recompute: str = "full") -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         model = OpenMoeForCausalLM(cfg).train()
     model.model.gradient_checkpointing = checkpointing
+    model.model.recompute = recompute
     if precision == "bf16":
         model = model.to(torch.bfloat16)
         optimizer = KeepGradMasterAdamW(model)
@@ -83,10 +85,11 @@ def measure(cfg, precision: str, batch_size: int, max_length: int, checkpointing
     return measured
 
 
-def compare(model_name: str, precision: str, batch_size: int, max_length: int, checkpointing: bool, device) -> dict:
+def compare(model_name: str, precision: str, batch_size: int, max_length: int, checkpointing: bool, device,
+            recompute: str = "full") -> dict:
     cfg = OpenMoeConfig.from_preset(model_name)
     est = estimate(cfg, "ep", 1, zero_stage=0, precision=precision, batch_size=batch_size, max_length=max_length,
-                   checkpointing=checkpointing)
+                   checkpointing=checkpointing, recompute=recompute)
     c = est.components
     estimated = {
         "weights": c["weights"], "gradients": c["gradients"],
@@ -95,10 +98,10 @@ def compare(model_name: str, precision: str, batch_size: int, max_length: int, c
     }
     estimated["peak_beyond_states"] = est.peak_bytes - sum(estimated[k] for k in ("weights", "gradients",
                                                                                  "optimizer_tensors"))
-    measured = measure(cfg, precision, batch_size, max_length, checkpointing, device)
+    measured = measure(cfg, precision, batch_size, max_length, checkpointing, device, recompute)
     return {
         "model_name": model_name, "precision": precision, "batch_size": batch_size, "max_length": max_length,
-        "checkpointing": checkpointing, "estimate_components": c, "estimated": estimated, "measured": measured,
+        "checkpointing": checkpointing, "recompute": recompute, "estimate_components": c, "estimated": estimated, "measured": measured,
         "ratio_estimated_over_measured": {k: estimated[k] / measured[k] for k in estimated if measured[k]},
     }
 
@@ -110,12 +113,14 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--recompute", default="full", choices=["full", "selective"])
     parser.add_argument("--cpu", action="store_true", help="measure on CPU even where CUDA is present")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = pick_device(args.cpu)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    result = compare(args.model_name, precision, args.batch_size, args.max_length, args.checkpointing, device)
+    result = compare(args.model_name, precision, args.batch_size, args.max_length, args.checkpointing, device,
+                     args.recompute)
     for key, ratio in result["ratio_estimated_over_measured"].items():
         print(f"{key:<20} estimated {result['estimated'][key] / GiB:8.3f} GiB  measured "
               f"{result['measured'][key] / GiB:8.3f} GiB  ratio {ratio:.3f}")

@@ -79,10 +79,10 @@ def test_activations_scale_with_tokens():
     assert two.components["activations_saved"] == 2 * one.components["activations_saved"]
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_estimate_matches_a_measured_cpu_step(checkpointing):
+@pytest.mark.parametrize("checkpointing, recompute", [(False, "full"), (True, "full"), (True, "selective")])
+def test_estimate_matches_a_measured_cpu_step(checkpointing, recompute):
     result = compare("tiny", "fp32", batch_size=4, max_length=128, checkpointing=checkpointing,
-                     device=torch.device("cpu"))
+                     device=torch.device("cpu"), recompute=recompute)
     est, meas = result["estimated"], result["measured"]
     assert est["weights"] == meas["weights"]
     assert est["gradients"] == meas["gradients"]

@@ -32,8 +32,11 @@ op from what autograd keeps in moe_system/model/modeling.py and moe_system/moe:
     MoE experts             k * (bH + 6bI + bH)   permuted copies, the 3-way FFN per copy, combine's gather
     dense layer  = norm + attention + norm + FFN
     MoE layer    = norm + attention + norm + router + experts + norm + extra dense FFN
-With activation checkpointing each layer keeps only its input (bH per token); in backward one layer at a
-time is recomputed, so its full activations come back for that layer only.
+With activation checkpointing and full recompute (--recompute full) each layer keeps only its input (bH per
+token); in backward one layer at a time is recomputed, so its full activations come back for that layer only.
+With selective recompute (--recompute selective, docs/model.md) the attention block (its norm and attention)
+keeps only its input, bH, and every SwiGLU 4bI instead of 6bI per row (gate and up outputs; silu and the
+product are recomputed); in backward one attention block at a time comes back.
 Backward working set: the gradient of the widest intermediate of a layer, 2I*b per copy (k*2I*b per token
 for an MoE layer). Fused head + loss (model/loss.py): an fp32 [V, H] weight-gradient accumulator and the
 gradients of the hidden states (bH per token); while a chunk of c tokens is processed (c from the loss's 2 GiB
@@ -160,12 +163,24 @@ def moe_act(cfg, b: int, rows_per_token: float) -> float:
     return router + experts
 
 
-def layer_act_per_token(cfg, layer_idx: int, b: int, rows_per_token: float) -> float:
-    """Bytes saved for backward per token by one decoder layer (module note)."""
+def layer_act_per_token(cfg, layer_idx: int, b: int, rows_per_token: float, selective: bool = False) -> float:
+    """Bytes saved for backward per token by one decoder layer (module note); selective: under selective
+    recompute."""
     act = 2 * norm_act(cfg, b) + attention_act(cfg, b)
+    swiglu_rows = 1
     if not cfg.is_moe_layer(layer_idx):
-        return act + dense_ffn_act(cfg, b)
-    return act + moe_act(cfg, b, rows_per_token) + norm_act(cfg, b) + dense_ffn_act(cfg, b)
+        act += dense_ffn_act(cfg, b)
+    else:
+        act += moe_act(cfg, b, rows_per_token) + norm_act(cfg, b) + dense_ffn_act(cfg, b)
+        swiglu_rows += rows_per_token
+    if selective:
+        act -= attention_block_act(cfg, b) - b * cfg.hidden_size + swiglu_rows * 2 * cfg.intermediate_size * b
+    return act
+
+
+def attention_block_act(cfg, b: int) -> float:
+    """What selective recompute brings back for one layer in backward: its attention block's activations."""
+    return norm_act(cfg, b) + attention_act(cfg, b)
 
 
 def backward_working_set_per_token(cfg, layer_idx: int, b: int, rows_per_token: float) -> float:
@@ -201,11 +216,13 @@ class Estimate:
 
 
 def estimate(cfg: OpenMoeConfig, plugin: str, world: int, *, zero_stage: int = 0, precision: str = "bf16",
-             batch_size: int = 1, max_length: int = 2048, checkpointing: bool = False, extra_dp_size: int = 1,
+             batch_size: int = 1, max_length: int = 2048, checkpointing: bool = False, recompute: str = "full",
+             extra_dp_size: int = 1,
              pp_size: int = 1, dp_size: int = 1, ep_size: int = 1, microbatch_size: int | None = None,
              num_microbatches: int | None = None) -> Estimate:
     """Peak memory of the most loaded rank. batch_size: sequences per data-parallel rank per step; with a
-    pipeline, the step is split into micro-batches of microbatch_size (default: batch_size // pp_size)."""
+    pipeline, the step is split into micro-batches of microbatch_size (default: batch_size // pp_size).
+    recompute: what checkpointing recomputes, "full" or "selective" (train.py --recompute)."""
     if plugin == "hybrid" and pp_size > 1 and microbatch_size is None:
         microbatch_size = max(1, batch_size // pp_size)
     layout = validate_layout(plugin, world, cfg.num_experts, cfg.num_hidden_layers, zero_stage=zero_stage,
@@ -227,25 +244,28 @@ def estimate(cfg: OpenMoeConfig, plugin: str, world: int, *, zero_stage: int = 0
         in_flight = min(layout.pp - stage, in_flight_max) if layout.pp > 1 else 1
         per_layer = [layer_act_per_token(cfg, i, b, rows) for i in layers]
         working = max((backward_working_set_per_token(cfg, i, b, rows) for i in layers), default=0)
-        if checkpointing:
+        if checkpointing and recompute == "selective":
+            kept = sum(layer_act_per_token(cfg, i, b, rows, selective=True) for i in layers) * tokens * in_flight
+            recomputed = attention_block_act(cfg, b) * tokens if layers else 0
+        elif checkpointing:
             kept = len(layers) * b * cfg.hidden_size * tokens * in_flight
-            recompute = max(per_layer, default=0) * tokens
+            recomputed = max(per_layer, default=0) * tokens
         else:
             kept = sum(per_layer) * tokens * in_flight
-            recompute = 0
+            recomputed = 0
         head = head_loss_bytes(cfg, tokens, b) if last else {"saved": 0, "chunk_buffer": 0}
         has_moe = any(cfg.is_moe_layer(i) for i in layers)
         a2a = 2 * rows * tokens * cfg.hidden_size * b if layout.ep > 1 and has_moe else 0
         # The peak is at the end of the forward (all saved, the loss's saved tensors and its chunk buffer) or
         # in the backward, after the loss's tensors are freed (saved + a recomputed layer + the working set);
         # the all-to-all buffers live during the forward. The fp32 gradient copies of the step come later.
-        activation_peak = kept + max(head["saved"] + head["chunk_buffer"], recompute + working * tokens, a2a)
+        activation_peak = kept + max(head["saved"] + head["chunk_buffer"], recomputed + working * tokens, a2a)
         step_transient = states["step_fp32_gradients"]
         components = {
             "weights": states["weights"], "gradients": states["gradients"],
             "master_weights": states["master_weights"], "optimizer_states": states["optimizer_states"],
             "activations_saved": kept, "head_loss_saved": head["saved"],
-            "head_loss_chunk_buffer": head["chunk_buffer"], "recomputed_layer": recompute,
+            "head_loss_chunk_buffer": head["chunk_buffer"], "recomputed_layer": recomputed,
             "backward_working_set": working * tokens, "all_to_all_buffers": a2a,
             "step_fp32_gradients": step_transient,
         }
@@ -335,7 +355,7 @@ def parse_memory(text: str) -> float:
 def format_table(est: Estimate, cfg, args) -> str:
     lay = est.layout
     lines = [f"{args.model_name}: {lay.describe()}, batch {args.batch_size} x {args.max_length} tokens"
-             f"{', checkpointing' if args.checkpointing else ''}",
+             f"{f', checkpointing ({args.recompute} recompute)' if args.checkpointing else ''}",
              f"most loaded rank: pipeline stage {est.stage} ({est.params_dense / 1e6:.1f}M dense parameters, "
              f"{est.params_expert_local / 1e6:.1f}M expert parameters, {cfg.num_experts // lay.ep} experts per layer)",
              f"{'component':<26}{'GiB':>10}"]
@@ -358,7 +378,9 @@ def main(argv=None):
     parser.add_argument("--precision", default="bf16", choices=sorted(STATE_BYTES))
     parser.add_argument("--batch_size", type=int, default=1, help="sequences per data-parallel rank per step")
     parser.add_argument("--max_length", type=int, default=2048)
-    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true", help="train.py --gradient_checkpointing")
+    parser.add_argument("--recompute", default="full", choices=["full", "selective"],
+                        help="with --checkpointing: what is recomputed (train.py --recompute)")
     parser.add_argument("--dispatch", choices=["dropless", "capacity"], help="default: the preset's")
     parser.add_argument("--gpu_memory", type=parse_memory, help="e.g. 80GiB; with --suggest, the budget")
     parser.add_argument("--suggest", action="store_true", help="list the layouts that fit --gpu_memory")
@@ -368,7 +390,7 @@ def main(argv=None):
     try:
         est = estimate(cfg, args.plugin, args.world, zero_stage=args.zero_stage, precision=args.precision,
                        batch_size=args.batch_size, max_length=args.max_length, checkpointing=args.checkpointing,
-                       extra_dp_size=args.extra_dp_size, pp_size=args.pp_size, dp_size=args.dp_size,
+                       recompute=args.recompute, extra_dp_size=args.extra_dp_size, pp_size=args.pp_size, dp_size=args.dp_size,
                        ep_size=args.ep_size, microbatch_size=args.microbatch_size)
         print(format_table(est, cfg, args))
         if args.gpu_memory:
