@@ -289,8 +289,9 @@ def test_offloaded_resident_memory_stays_within_the_limit(tmp_path, tokenizer):
     size_mib = sum(f.stat().st_size for f in big.glob("*.safetensors")) / 2**20
     # The allowance covers lazy imports and activations, plus the weights of the layer being computed: offloaded
     # layers are read from disk through mmap, and those file pages (up to ~17 MiB for the largest layer here)
-    # count in RSS while in use. Measured 37-57 MiB of growth, depending on the page cache; the full load: ~122.
-    limit_mib, allowance_mib = 32, 40
+    # count in RSS while in use, and so do the pages around the chosen experts' rows an expert-aware read touches.
+    # Measured 37-79 MiB of growth, depending on the page cache and the machine's load; the full load: ~122.
+    limit_mib, allowance_mib = 32, 56
     runs = {}
     limited = ["--max_memory", f"cpu={limit_mib}MiB"]
     for name, extra in (("full", []), ("offloaded", limited), ("expert_aware", limited + ["--expert_aware"])):

@@ -79,7 +79,8 @@ def boosted(case: dict, config):
                               comm_overlap_chunks=case.get("overlap") or 1)
     plugin, layout = build_plugin(parallel, config)
     booster = Booster(plugin=plugin)
-    REDUCTIONS.watch(booster)
+    if REDUCTIONS is not None:  # installed by this worker's main; other workers reuse boosted() without it
+        REDUCTIONS.watch(booster)
     if case.get("sync_each"):
         booster.no_sync = lambda *args: nullcontext()
     model = make_model(config, case.get("starve", False))
@@ -90,7 +91,7 @@ def boosted(case: dict, config):
     return plugin, layout, booster, model, optimizer
 
 
-def train_step(plugin, layout, booster, model, optimizer, shard, accum: int) -> tuple[list, float]:
+def train_step(plugin, layout, booster, model, optimizer, shard, accum: int = 1) -> tuple[list, float]:
     if layout.is_pipeline:
         parts = pipeline_forward_backward(booster, model, optimizer, [shard], plugin.dp_group, plugin.pp_group,
                                           torch.device("cpu"))
