@@ -149,9 +149,11 @@ def test_selective_recompute_gives_exactly_the_gradients_without_checkpointing(d
     plain = train_step(None, ids, **overrides)
     selective = train_step("selective", ids, **overrides)
     assert plain.keys() == selective.keys() and all(g is not None for g in selective.values())
-    # Recompute replays the very same ops on the same inputs: bit for bit the same, dense and MoE layers alike.
-    different = [n for n in plain if not torch.equal(plain[n], selective[n])]
-    assert not different, different
+    # Recompute replays the same ops on the same inputs, dense and MoE layers alike. Compared to rounding: a BLAS
+    # may pick another kernel for the backward's GEMMs on another CPU, and gradient sums may be accumulated in
+    # another order once the checkpoint's graph is rebuilt.
+    for name in plain:
+        torch.testing.assert_close(selective[name], plain[name], rtol=1e-6, atol=1e-9, msg=name)
 
 
 def saved_activation_bytes(model, ids, monkeypatch) -> int:
