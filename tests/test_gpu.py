@@ -1,5 +1,6 @@
-"""The fast paths on a CUDA device: grouped-GEMM experts, the fused LM head + loss, cached generation, the SDPA
-backend of training, host synchronisations per training step, and bf16 checkpoints.
+"""The fast paths on a CUDA device: grouped-GEMM experts, the fused LM head + loss and its Triton cross-entropy
+kernel, cached generation, the SDPA backend of training, host synchronisations per training step, and bf16
+checkpoints.
 
     pytest -q -m gpu tests -rA                                   # on a CUDA machine (sm90+ for grouped GEMM)
     MOE_GPU_TESTS_DEVICE=cpu pytest -q tests/test_gpu.py -rA     # the same logic on the CPU, as a dry run
@@ -261,9 +262,12 @@ def test_fused_head_bf16_gemms_run_in_bf16_with_fp32_results(device, monkeypatch
     import moe_system.model.loss as loss_module
     torch.manual_seed(0)
     batch, seq, hidden_size, vocab, chunk = 2, 513, 128, 16384, 128
-    monkeypatch.setattr(loss_module, "CHUNK_BUDGET_BYTES", loss_module.CHUNK_BYTES_PER_LOGIT * chunk * vocab)
     hidden = torch.randn(batch, seq, hidden_size, device=device).to(torch.bfloat16)
     weight = (torch.randn(vocab, hidden_size, device=device) * 0.05).to(torch.bfloat16)
+    # The Triton kernel (CUDA) keeps only the fp32 logits, the torch path one more [c, V] fp32 buffer.
+    bytes_per_logit = (loss_module.KERNEL_CHUNK_BYTES_PER_LOGIT if loss_module.use_loss_kernel(weight)
+                       else loss_module.CHUNK_BYTES_PER_LOGIT)
+    monkeypatch.setattr(loss_module, "CHUNK_BUDGET_BYTES", bytes_per_logit * chunk * vocab)
     labels = torch.randint(0, vocab, (batch, seq), device=device)
     labels[0, :100] = -100  # a masked prompt
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -291,14 +295,47 @@ def test_fused_head_bf16_gemms_run_in_bf16_with_fp32_results(device, monkeypatch
     if torch.cuda.get_device_capability(device)[0] >= 8:
         assert ops["aten.mm.dtype"] == ops["aten.addmm.dtype_out"] == math.ceil(batch * seq / chunk), ops
     peak = torch.cuda.max_memory_allocated() - base
-    # fp32 weight gradient (4VH) and, in backward, its scaled fp32 copy and bf16 cast (6VH); one chunk's 8cV;
-    # 4 MiB for the rest (hidden-state gradients, per-row vectors). A per-chunk [V, H] product would add 2-4VH.
-    bound = 10 * vocab * hidden_size + loss_module.CHUNK_BYTES_PER_LOGIT * chunk * vocab + 4 * 2 ** 20
+    # fp32 weight gradient (4VH) and, in backward, its scaled fp32 copy and bf16 cast (6VH); one chunk's 8cV
+    # (4cV with the kernel); 4 MiB for the rest (hidden-state gradients, per-row vectors). A per-chunk [V, H]
+    # product would add 2-4VH.
+    bound = 10 * vocab * hidden_size + bytes_per_logit * chunk * vocab + 4 * 2 ** 20
     report("bf16 head memory", peak_mib=peak / 2 ** 20, bound_mib=bound / 2 ** 20)
     assert peak <= bound, f"the loss peaked at {peak / 2 ** 20:.0f} MiB over its inputs (bound {bound / 2 ** 20:.0f})"
 
 
 # --- 3. cached generation ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["plain", "smooth"])
+def test_cross_entropy_kernel_matches_torch_path(device, monkeypatch, label_smoothing):
+    """The compiled Triton loss kernel against the torch path at a realistic shape: a bf16 head over a 50k
+    vocabulary, 4096 tokens (two chunks of the kernel's, four of the torch path's), a masked prompt, z-loss."""
+    if not ON_CUDA:
+        pytest.skip("the compiled kernel needs CUDA (tests/test_cross_entropy_kernel.py runs it under the interpreter)")
+    torch.manual_seed(0)
+    batch, seq, hidden_size, vocab = 2, 2048, 512, 50304
+    hidden = torch.randn(batch, seq, hidden_size, device=device).to(torch.bfloat16)
+    weight = (torch.randn(vocab, hidden_size, device=device) * 0.05).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (batch, seq), device=device)
+    labels[0, :300] = -100
+    results = {}
+    for path in ("triton", "torch"):
+        monkeypatch.setenv("MOE_LOSS_KERNEL", path)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = chunked_lm_loss(h, w, labels, label_smoothing=label_smoothing, z_loss_factor=1e-4, chunk_tokens=2048)
+        loss.backward()
+        results[path] = (loss.detach(), h.grad, w.grad)
+    (loss, gh, gw), (ref, gh_ref, gw_ref) = results["triton"], results["torch"]
+    # The same fp32 logits on both sides; only the summation order and the exp differ (~1e-6 relative), then
+    # the logits' gradient is rounded to bf16 on both sides and may land one ulp apart.
+    loss_err = abs(loss.item() - ref.item()) / abs(ref.item())
+    grad_errors = dict(grad_hidden=rel_err(gh, gh_ref), grad_head=rel_err(gw, gw_ref))
+    report(f"cross-entropy kernel ls={label_smoothing}", loss_value=loss.item(), loss_err=loss_err, **grad_errors)
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    assert not bool(gh[0, :299].any()), "positions whose next token is masked must get no gradient"
+    assert loss_err < 1e-5, f"loss {loss.item():.6g} with the kernel vs {ref.item():.6g} without"
+    for k, err in grad_errors.items():
+        assert err < 5e-3, f"{k}: relative error {err:.3g} between the kernel and the torch path"
+
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cached_greedy_generation_equals_uncached(device, dtype):
