@@ -46,7 +46,7 @@ TIMEOUTS = {  # seconds; 465 in all, so that the whole check fits in 8 minutes
 BENCHMARK_ARGS = {  # full mode; --smoke passes --smoke instead
     "moe_layer": ["--shapes", "openmoe-base", "openmoe-8b", "--tokens", "16384", "--routing", "uniform",
                   "--dispatch", "dropless", "capacity", "--warmup", "2", "--iters", "5"],
-    "train_step": ["--variants", "ours", "hf_grouped_mm", "hf_liger_flce", "ours_autocast", "ours_all_moe",
+    "train_step": ["--variants", "ours", "ours_torch_loss", "hf_grouped_mm", "hf_liger_flce", "ours_autocast", "ours_all_moe",
                    "--batch_sizes", "2", "4", "8", "16", "32", "64", "--warmup", "1", "--iters", "3"],
     "router_permute": ["--shapes", "openmoe-base", "openmoe-8b", "--tokens", "16384", "--warmup", "3", "--iters", "10"],
 }

@@ -8,6 +8,8 @@ Variants (each tried at increasing batch sizes until one runs out of memory or -
 tokens/s is reported):
 * ours            OpenMoeForCausalLM, bf16 weights, fp32 master weights updated by fused AdamW and copied back
                   (the recipe of the repository's bf16 training through Colossal-AI's mixed-precision optimizer)
+* ours_torch_loss like `ours`, with the torch path of the loss (MOE_LOSS_KERNEL=torch) in place of the Triton
+                  cross-entropy kernel: its tokens_per_s_ratio_ours_over_this is what the kernel buys
 * ours_autocast   the same model with fp32 weights under bf16 autocast and fused AdamW: the peers' recipe
 * ours_all_moe    like `ours`, with every layer an MoE layer (moe_layer_interval=1), so the MoE work shows
 * hf_<impl>       transformers' Qwen2-MoE classes shaped like OpenMoE-base (12 layers, hidden 768, 12x64
@@ -33,6 +35,7 @@ writing the JSON; a variant that errors or runs out of memory is recorded as suc
 import argparse
 import gc
 import math
+import os
 import time
 
 import torch
@@ -44,11 +47,11 @@ from .common import GiB, H100_BF16_DENSE_TFLOPS, LiveTensorBytes, Mismatch, add_
     environment, exit_code, guarded, pick_device, synchronize, time_ms, write_json
 
 FULL = dict(preset="base", seq=2048, warmup=2, iters=5, batch_sizes={
-    "ours": [4, 8, 16, 32], "ours_autocast": [4, 8], "ours_all_moe": [4, 8, 16],
+    "ours": [4, 8, 16, 32], "ours_torch_loss": [4, 8, 16, 32], "ours_autocast": [4, 8], "ours_all_moe": [4, 8, 16],
     "hf_grouped_mm": [2, 4, 6, 8], "hf_eager": [2, 4], "hf_liger_flce": [8, 16, 24, 32, 48]})
 SMOKE = dict(preset="tiny", seq=64, warmup=1, iters=2, batch_sizes={})
 SMOKE_BATCH = 2
-DEFAULT_VARIANTS = ["ours", "ours_autocast", "ours_all_moe", "hf_grouped_mm", "hf_liger_flce"]
+DEFAULT_VARIANTS = ["ours", "ours_torch_loss", "ours_autocast", "ours_all_moe", "hf_grouped_mm", "hf_liger_flce"]
 FLOP_FORMULA = "flops_per_token = 6 * N_active + 12 * num_layers * (heads * head_dim) * seq_len; " \
                "MFU = tokens_per_s * flops_per_token / 989e12"
 
@@ -159,6 +162,8 @@ def build(variant, preset, device):
     cfg = ours_config(preset, all_moe=variant == "ours_all_moe")
     with torch.device(device):
         if variant.startswith("ours"):
+            # read by model/loss.py at every call: "" is the default (the kernel on CUDA)
+            os.environ["MOE_LOSS_KERNEL"] = "torch" if variant == "ours_torch_loss" else ""
             model = OpenMoeForCausalLM(cfg).train()
             autocast = variant == "ours_autocast"
             if autocast:
