@@ -1,8 +1,9 @@
 """Host synchronisations of a training step, counted on the CPU (tests/sync_counter.py says what counts as one).
 
 The MoE layers count and reorder tokens on the device only; expert parallelism reads back exactly one thing per
-dropless layer, the split sizes of its uneven all-to-all; the step adds one read of its loss parts and the
-optimizer its gradient norm. tests/test_gpu.py counts the real ones on CUDA with sync debug mode.
+dropless layer, the split sizes of its uneven all-to-all (flat or two-level); the step adds one read of its loss
+parts and the optimizer its gradient norm, with or without a pipeline. tests/test_gpu.py counts the real ones on
+CUDA with sync debug mode.
 """
 
 import json
@@ -86,12 +87,25 @@ def test_train_step_syncs_only_where_stated(counted_step):
 @pytest.mark.distributed
 def test_expert_parallel_layers_sync_once_per_dropless_layer(counted_step):
     """Two gloo ranks, every MoE layer an EP layer: forward to the hidden states and backward; with two chunks
-    (--comm_overlap) as well, whose count exchange covers every chunk at once."""
+    (--comm_overlap) as well, whose count exchange covers every chunk at once; and through the two-level exchange
+    (--hierarchical_alltoall), whose one gather of the counts gives both this rank's and the split matrix."""
     if counted_step[0]["world"] == 1:
         pytest.skip("expert parallelism needs two processes")
     for rank in counted_step:
-        assert [(r["dispatch"], r["chunks"]) for r in rank["layers"]] == [("dropless", 1), ("dropless", 2),
-                                                                           ("capacity", 1)]
+        cases = [("dropless", 1), ("dropless", 2), ("capacity", 1)]
+        assert [(r["dispatch"], r["chunks"], r["hierarchical"]) for r in rank["layers"]] == \
+            [(*case, False) for case in cases] + [(*case, True) for case in cases]
         for record in rank["layers"]:
             expected = record["moe_layers"] * EP_SYNCS_PER_LAYER[record["dispatch"]]
             assert record["count"] == expected, record
+
+
+@pytest.mark.distributed
+def test_pipeline_train_step_syncs_only_where_stated(counted_step):
+    """A two-stage 1F1B pipeline (plugin hybrid): the global target count reaches the last stage's loss on the
+    device, so both stages sync only for the step's loss parts and the gradient norm."""
+    if counted_step[0]["world"] == 1:
+        pytest.skip("a pipeline needs two processes")
+    for rank in counted_step:
+        step = rank["pipeline_step"]
+        assert step["count"] == LOSS_SYNCS + STEP_SYNCS + OPTIMIZER_SYNCS, step["where"]

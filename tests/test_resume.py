@@ -126,3 +126,43 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_and_resumes_bit_exa
 
     assert token_counts(straight) == token_counts(broken)
     assert token_counts(broken)["step"] == 12 and token_counts(broken)["data/bundled-text/tokens"] > 0
+
+
+def saved_run(output: Path, **architecture) -> Path:
+    """An output directory whose checkpoint-2 saved a model of the tiny preset with these sizes changed (its flags
+    are read before any checkpoint file but the model's config.json)."""
+    from moe_system.model import OpenMoeConfig
+
+    checkpoint = output / "checkpoint-2"
+    OpenMoeConfig.from_preset("tiny", **architecture).save_pretrained(checkpoint / "model")
+    (checkpoint / "trainer_state.json").write_text("{}")
+    return checkpoint
+
+
+def test_resume_flags_are_checked_against_the_saved_model_not_the_preset(tmp_path, capsys):
+    from moe_system.training.args import parse_args
+
+    # The tiny preset has 512 positions and 8 experts; the saved model more of both: what it allows is accepted.
+    checkpoint = saved_run(tmp_path / "larger", max_position_embeddings=1024, num_experts=16)
+    for resume in ("latest", str(checkpoint)):
+        args = parse_args(["--resume", resume, "--output_path", str(tmp_path / "larger"), "--max_length", "1024",
+                           "--router_topk", "12"])
+        assert (args.max_length, args.router_topk) == (1024, 12)
+    # Fewer of both: what the preset would allow is refused, naming the saved model's limit.
+    saved_run(tmp_path / "smaller", max_position_embeddings=16, num_experts=4)
+    for flags, message in ((["--router_topk", "6"], "has 4 experts per MoE layer; use --router_topk 1 to 4"),
+                           (["--max_length", "32"], "beyond the 16 positions of the model saved in")):
+        with pytest.raises(SystemExit):
+            parse_args(["--resume", "latest", "--output_path", str(tmp_path / "smaller"), *flags])
+        assert message in capsys.readouterr().err
+
+
+def test_resume_beyond_the_saved_model_is_one_error_line(tmp_path):
+    output = tmp_path / "smaller"
+    saved_run(output, max_position_embeddings=16)
+    out = subprocess.run([sys.executable, "train.py", "--resume", "latest", "--output_path", str(output),
+                          "--max_length", "32"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "--max_length 32 is beyond the 16 positions of the model saved in" in lines[0], \
+        out.stderr[-3000:]

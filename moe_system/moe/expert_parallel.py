@@ -19,7 +19,8 @@ EP layer computes the same function as a single-device one.
   another kernel for very few rows (outputs and input gradients: bitwise equal, or ~1e-7 relative). Expert
   weight gradients are summed over chunks in another order (~1e-7 relative).
 * two levels (node_groups, --hierarchical_alltoall): every exchange of `_overlapped_exchange` goes intra-node,
-  then inter-node (moe/hierarchical_all_to_all.py); the rows arrive as from the flat one.
+  then inter-node (moe/hierarchical_all_to_all.py); the rows arrive as from the flat one. Dropless, the counts
+  are all-gathered instead of exchanged (every rank needs every pair's sizes): still one host sync per layer.
 
 Gradient semantics. Every rank backpropagates its share of the global-batch loss and the optimizer averages
 dense gradients over all dp = moe_dp * ep data-parallel ranks. An expert's gradient is the sum of the
@@ -33,7 +34,7 @@ from colossalai.tensor.moe_tensor.api import set_moe_tensor_ep_group
 
 from .all_to_all import AsyncAllToAll, exchange_counts, launch, scale_grad, wait
 from .experts import GroupedExperts, expert_ffn
-from .hierarchical_all_to_all import hierarchical_exchanges
+from .hierarchical_all_to_all import HierarchicalAllToAll, gather_counts
 from .layer import OpenMoeSparseMLP
 from .permute import DispatchPlan, inverse_permutation
 
@@ -104,16 +105,26 @@ class AllToAllDispatch:
     def _dropless_exchange(self, experts: GroupedExperts, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         ep, local, n = self.ep_size, experts.num_experts, self.overlap_chunks
         send = chunk_counts(plan.counts, n).view(n, ep, local)                      # [chunk, destination, expert]
-        # One small synchronous exchange gives every chunk's [source, local expert] counts.
-        received = exchange_counts(send.transpose(0, 1).reshape(-1), self.ep_group)
-        recv = received.view(ep, n, local).transpose(0, 1)                          # [chunk, source, expert]
-        send_splits, recv_splits = torch.stack([send.sum(2), recv.sum(2)]).tolist()  # one host sync
+        matrices = None
+        if self.node_groups is None:
+            # One small synchronous exchange gives every chunk's [source, local expert] counts.
+            received = exchange_counts(send.transpose(0, 1).reshape(-1), self.ep_group)
+            recv = received.view(ep, n, local).transpose(0, 1)                      # [chunk, source, expert]
+            send_splits, recv_splits = torch.stack([send.sum(2), recv.sum(2)]).tolist()  # one host sync
+        else:
+            # Two levels need every pair's sizes: gather all ranks' counts, this rank's receipts among them.
+            every = gather_counts(send, self.ep_group)                              # [source, chunk, dest, expert]
+            me = dist.get_rank(self.ep_group)
+            recv = every[:, :, me].transpose(0, 1)                                  # [chunk, source, expert]
+            matrices = every.sum(3).transpose(0, 1).tolist()  # one host sync: [chunk][source][destination]
+            send_splits = [m[me] for m in matrices]
+            recv_splits = [[row[me] for row in m] for m in matrices]
         # Chunk-major layout: chunk j holds, for every expert, the j-th of n near-equal parts of its block, so each
         # chunk is itself expert-sorted and is sent exactly like an unchunked exchange.
         order = None if n == 1 else torch.argsort(plan.rank * n // plan.counts[plan.expert_of_row], stable=True)
         chunks = [rows] if order is None else rows[order].split([sum(s) for s in send_splits])
         returned = self._overlapped_exchange(chunks, send_splits, recv_splits,
-                                             lambda j, x: self._grouped_by_source(experts, x, recv[j]))
+                                             lambda j, x: self._grouped_by_source(experts, x, recv[j]), matrices)
         return returned[0] if order is None else torch.cat(returned)[inverse_permutation(order)]
 
     def _capacity_exchange(self, experts: GroupedExperts, rows: torch.Tensor, plan: DispatchPlan,
@@ -163,10 +174,11 @@ class AllToAllDispatch:
         out = self._local_experts(experts, received[order], counts.sum(0))
         return out[inverse_permutation(order)]
 
-    def _overlapped_exchange(self, chunks, send_splits, recv_splits, experts) -> list[torch.Tensor]:
+    def _overlapped_exchange(self, chunks, send_splits, recv_splits, experts, matrices=None) -> list[torch.Tensor]:
         """Send chunks[j] (rows grouped by destination rank, send_splits[j] to each), run experts(j, received) on
         what arrives (recv_splits[j] rows from each source) and send the results back; returns, per chunk, the
         rows that came back, in the layout of chunks[j]. With one chunk this is a plain exchange each way.
+        matrices[j] (two levels, uneven splits): chunk j's rows from every EP rank to every other.
 
         Forward, step j: launch dispatch j+1, wait for dispatch j, run chunk j's experts, launch combine j, wait
         for combine j-1; so dispatch j+1 and combine j-1 are in flight while chunk j computes, and transfers
@@ -183,7 +195,8 @@ class AllToAllDispatch:
         if self.node_groups is None:
             dispatch = [AsyncAllToAll(group, recv_splits[j], send_splits[j]) for j in range(n)]
         else:
-            dispatch = hierarchical_exchanges(self.node_groups, group, recv_splits, send_splits, chunks[0].device)
+            dispatch = [HierarchicalAllToAll(self.node_groups, recv_splits[j], send_splits[j],
+                                             None if matrices is None else matrices[j]) for j in range(n)]
         combine = [exchange.reversed() for exchange in dispatch]
         arriving = launch(chunks[0], dispatch[0])
         leaving, returned = [], []

@@ -16,8 +16,8 @@ link) is the only part the compute stream waits for inside `start`; the inter st
 follows computes, until `wait`.
 
 The intermediate sizes (what node peers send to whom) are not known from one rank's splits: for uneven splits
-every rank needs the whole P x P split matrix, got by one small all_gather over the EP group
-(`hierarchical_exchanges` does it once for all the chunks of a layer's exchange). Equal splits need nothing.
+every rank needs the whole P x P split matrix: `gather_counts` gathers every rank's per-expert counts once for
+all the chunks of a layer's exchange, in place of the flat path's count exchange. Equal splits need nothing.
 
 The class is an AsyncAllToAll (moe/all_to_all.py) with its own `start`, so `launch`/`wait` and their autograd
 apply unchanged.
@@ -121,7 +121,7 @@ def _regroup(x: torch.Tensor, sizes: list[list[int]]) -> torch.Tensor:
 
 class HierarchicalAllToAll(AsyncAllToAll):
     """An AsyncAllToAll over NodeGroups. splits: as AsyncAllToAll's (None: equal parts). matrix[p][q]: rows EP
-    rank p sends to EP rank q, for every pair (needed with uneven splits; see hierarchical_exchanges)."""
+    rank p sends to EP rank q, for every pair (needed with uneven splits; see gather_counts)."""
 
     def __init__(self, groups: NodeGroups, recv_splits: list[int] | None = None,
                  send_splits: list[int] | None = None, matrix: list[list[int]] | None = None):
@@ -171,16 +171,11 @@ class HierarchicalAllToAll(AsyncAllToAll):
         return out
 
 
-def hierarchical_exchanges(groups: NodeGroups, ep_group, recv_splits: list, send_splits: list,
-                           device) -> list[HierarchicalAllToAll]:
-    """One HierarchicalAllToAll per chunk (recv_splits[j], send_splits[j]: as AsyncAllToAll's). Uneven splits:
-    one all_gather over the EP group (on `device`: NCCL gathers accelerator tensors only) gives every rank every
-    chunk's split matrix, and one host sync reads it."""
-    if all(s is None for s in send_splits):
-        return [HierarchicalAllToAll(groups, r, s) for r, s in zip(recv_splits, send_splits)]
-    mine = torch.tensor(send_splits, dtype=torch.long, device=device)             # [chunk, destination]
-    every = [torch.empty_like(mine) for _ in range(groups.ep_size)]
-    dist.all_gather(every, mine, group=ep_group)
-    matrices = torch.stack(every, dim=1).tolist()                                  # [chunk, source, destination]
-    return [HierarchicalAllToAll(groups, r, s, m) for r, s, m in zip(recv_splits, send_splits, matrices)]
-
+def gather_counts(send: torch.Tensor, ep_group) -> torch.Tensor:
+    """send [chunk, destination, expert]: this rank's row counts -> [source, chunk, destination, expert], every
+    EP rank's. One all_gather over the EP group (send on the accelerator: NCCL gathers device tensors only) gives
+    both what this rank receives (its destination's slice, as the flat count exchange would) and the P x P split
+    matrix of every chunk, so a layer's exchange still reads sizes back to the host once."""
+    every = [torch.empty_like(send) for _ in range(dist.get_world_size(ep_group))]
+    dist.all_gather(every, send.contiguous(), group=ep_group)
+    return torch.stack(every)

@@ -13,6 +13,8 @@
 
 from functools import partial
 
+import torch
+
 from colossalai.shardformer.policies.base_policy import ModulePolicyDescription, Policy, \
     SubModuleReplacementDescription
 
@@ -49,6 +51,7 @@ def pipeline_stage_forward(self: OpenMoeForCausalLM, input_ids=None, labels=None
     own decoder over this stage's layers, from the previous stage's hidden states and router-loss sums.
 
     Non-last stages return the tensors for the next stage; the last returns the model's usual output.
+    num_items_in_batch: a number, or one copy per row of the global target count (training/forward_backward.py).
     """
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("pipeline stages train on right-padded rows with a causal mask; drop attention_mask")
@@ -58,6 +61,8 @@ def pipeline_stage_forward(self: OpenMoeForCausalLM, input_ids=None, labels=None
     if not last:
         return {STAGE_HIDDEN: out.last_hidden_state, "router_aux_sum": out.router_aux_sum,
                 "router_z_sum": out.router_z_sum}
+    if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.dim() == 1:
+        num_items_in_batch = num_items_in_batch[0]
     return self.lm_output(out, labels, num_items_in_batch)
 
 

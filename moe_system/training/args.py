@@ -8,6 +8,7 @@ Defaults marked "per preset" come from PRESET_DEFAULTS so that `python train.py`
 
 import argparse
 import math
+import os
 
 from ..data import DataError
 from ..data.mixture import parse_sources
@@ -279,11 +280,33 @@ def conflicts(args, given: set[str]):
               "--eval_dataset or drop --eval_interval"
 
 
-def check_against_model(args) -> str | None:
-    """What no model of this run's config can do: more experts per token than it has, rows past its positions."""
-    if args.load_checkpoint:
-        from ..model.convert import checkpoint_config  # reads config.json only
+def resumed_model_dir(args) -> str | None:
+    """The saved model --resume continues (training/checkpoint.py: the newest checkpoint for 'latest'; the run
+    checks it intact, and every checkpoint of a run holds the same architecture), or None where there is none
+    to read: the run then says what is wrong with the --resume."""
+    from .checkpoint import list_checkpoints
 
+    found = list_checkpoints(args.output_path) if args.resume == "latest" else [(None, args.resume)]
+    model_dir = os.path.join(found[-1][1], "model") if found else None
+    return model_dir if model_dir and os.path.isfile(os.path.join(model_dir, "config.json")) else None
+
+
+def check_against_model(args) -> str | None:
+    """What the model this run trains cannot do: more experts per token than it has, rows past its positions.
+    That model is the one --resume saved (whatever --model_name says), or the one --load_checkpoint starts
+    from, or the preset (training/loop.py: build_model_config)."""
+    from ..model.convert import checkpoint_config  # reads config.json only
+
+    if args.resume:
+        model_dir = resumed_model_dir(args)
+        try:
+            config = checkpoint_config(model_dir) if model_dir else None
+        except (OSError, ValueError):  # CheckpointError is a ValueError
+            config = None  # damaged: the run's check of the checkpoint's files says so
+        if config is None:
+            return None
+        which = f"the model saved in {os.path.dirname(model_dir)}"
+    elif args.load_checkpoint:
         config, which = checkpoint_config(args.load_checkpoint), f"the model in {args.load_checkpoint}"
     else:
         config, which = OpenMoeConfig.from_preset(args.model_name), f"the {args.model_name} preset"
@@ -316,9 +339,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"{action.option_strings[0]} must be {what}, got {value}")
     for problem in conflicts(args, given):
         parser.error(problem)
+    if args.output_path is None:
+        args.output_path = f"outputs/openmoe-{args.model_name}"
     problem = check_against_model(args)
     if problem:
         parser.error(problem)
-    if args.output_path is None:
-        args.output_path = f"outputs/openmoe-{args.model_name}"
     return args

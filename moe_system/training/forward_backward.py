@@ -69,7 +69,9 @@ def pipeline_forward_backward(booster, model, optimizer, micro_batches: list[dic
         router = router_loss(cfg, out.aux_loss, out.router_z_loss)
         return out.lm_loss * (dp_size * num_pipeline_mb) + router
 
-    batch["num_items_in_batch"] = float(num_items)  # not a tensor: passed whole to every micro-batch
+    # The schedule cuts every tensor of the batch along dim 0: the count goes in once per row (a stride-0 view),
+    # so each micro-batch gets it whole, still on the device (a float would read it back every step).
+    batch["num_items_in_batch"] = num_items.expand(batch["input_ids"].shape[0])
     booster.execute_pipeline(iter([batch]), model, criterion, optimizer, return_loss=False)
     parts = torch.zeros(3, device=device)
     if seen:  # last stage only

@@ -24,7 +24,7 @@ from dist_overlap import compare, max_over_ranks, run  # noqa: E402
 
 from moe_system.moe.all_to_all import all_to_all, launch, wait  # noqa: E402
 from moe_system.moe.expert_parallel import shard_experts  # noqa: E402
-from moe_system.moe.hierarchical_all_to_all import build_node_groups, hierarchical_exchanges  # noqa: E402
+from moe_system.moe.hierarchical_all_to_all import HierarchicalAllToAll, build_node_groups  # noqa: E402
 
 HIDDEN = 3
 
@@ -41,11 +41,11 @@ def split_matrix(world: int, seed: int, zero_row: bool) -> torch.Tensor:
 def primitive(groups, rank: int, world: int, seed: int, equal: bool) -> float:
     """Largest |difference| between flat and hierarchical: received rows, rows sent back, input gradient."""
     if equal:
-        send = recv = None
+        send = recv = matrix = None
         rows = world * 2
     else:
         counts = split_matrix(world, seed, zero_row=seed % 2 == 1)
-        send, recv = counts[rank].tolist(), counts[:, rank].tolist()
+        send, recv, matrix = counts[rank].tolist(), counts[:, rank].tolist(), counts.tolist()
         rows = sum(send)
     g = torch.Generator().manual_seed(seed * 100 + rank)
     x = (rank * 1000 + torch.arange(rows, dtype=torch.float32)).unsqueeze(1).repeat(1, HIDDEN).requires_grad_()
@@ -54,7 +54,7 @@ def primitive(groups, rank: int, world: int, seed: int, equal: bool) -> float:
     flat = all_to_all(x, dist.group.WORLD, recv, send)
     flat.backward(grad_out)
     flat_grad, x.grad = x.grad, None
-    exchange = hierarchical_exchanges(groups, dist.group.WORLD, [recv], [send], x.device)[0]
+    exchange = HierarchicalAllToAll(groups, recv, send, matrix)
     hier = wait(launch(x, exchange), exchange)
     hier.backward(grad_out)
     back = exchange.reversed()
