@@ -1,6 +1,6 @@
 """torch.compile of the dense blocks (--compile), one block at a time; the MoE layers stay eager.
 
-What is compiled (docs/architecture.md, Compiled dense blocks): every dense decoder layer whole (norms, attention,
+What is compiled (docs/model.md, Compiled dense blocks): every dense decoder layer whole (norms, attention,
 SwiGLU FFN, residuals, and the selective-recompute checkpoints inside it, which dynamo traces as part of the
 graph), and in every MoE layer each dense piece around the MoE: the input norm, the attention, the norm before
 the router and the extra dense FFN with its norm. The MoE layer itself (router, dispatch, experts, combine) runs
