@@ -8,10 +8,15 @@ Variants (each tried at increasing batch sizes until one runs out of memory or -
 tokens/s is reported):
 * ours            OpenMoeForCausalLM, bf16 weights, fp32 master weights updated by fused AdamW and copied back
                   (the recipe of the repository's bf16 training through Colossal-AI's mixed-precision optimizer)
-* ours_torch_loss like `ours`, with the torch path of the loss (MOE_LOSS_KERNEL=torch) in place of the Triton
-                  cross-entropy kernel: its tokens_per_s_ratio_ours_over_this is what the kernel buys
+* ours_torch_loss like `ours` at the batch size where `ours` did best, with the torch path of the loss
+                  (MOE_LOSS_KERNEL=torch) in place of the Triton cross-entropy kernel: its
+                  tokens_per_s_ratio_ours_over_this is what the kernel buys
 * ours_autocast   the same model with fp32 weights under bf16 autocast and fused AdamW: the peers' recipe
 * ours_all_moe    like `ours`, with every layer an MoE layer (moe_layer_interval=1), so the MoE work shows
+* ours_compiled   `ours` with its dense blocks compiled (train.py --compile, moe_system/parallel/compile.py), at
+                  the batch size where `ours` did best, side by side: compile_speedup = its tokens/s over ours'.
+                  Compiled after the checks; the warmup steps (one compile per batch size) are not timed.
+                  On the CPU with aot_eager (the graphs without inductor's code generation): smoke only
 * hf_<impl>       transformers' Qwen2-MoE classes shaped like OpenMoE-base (12 layers, hidden 768, 12x64
                   heads, 16 experts top-2 every 4th layer, the shared expert standing in for OpenMoE's extra
                   dense FFN, vocab 256,384, untied head), bf16 autocast, fused AdamW, experts_implementation
@@ -41,17 +46,20 @@ import time
 import torch
 
 from moe_system.model import OpenMoeConfig, OpenMoeForCausalLM
+from moe_system.parallel.compile import compile_dense_blocks
 from moe_system.training.flops import param_counts, train_flops_per_token
 
 from .common import GiB, H100_BF16_DENSE_TFLOPS, LiveTensorBytes, Mismatch, add_time_limit_argument, deadline, \
     environment, exit_code, guarded, pick_device, synchronize, time_ms, write_json
 
 FULL = dict(preset="base", seq=2048, warmup=2, iters=5, batch_sizes={
-    "ours": [4, 8, 16, 32], "ours_torch_loss": [4, 8, 16, 32], "ours_autocast": [4, 8], "ours_all_moe": [4, 8, 16],
+    "ours": [4, 8, 16, 32], "ours_torch_loss": [4, 8, 16, 32], "ours_compiled": [4, 8, 16, 32],
+    "ours_autocast": [4, 8], "ours_all_moe": [4, 8, 16],
     "hf_grouped_mm": [2, 4, 6, 8], "hf_eager": [2, 4], "hf_liger_flce": [8, 16, 24, 32, 48]})
 SMOKE = dict(preset="tiny", seq=64, warmup=1, iters=2, batch_sizes={})
 SMOKE_BATCH = 2
-DEFAULT_VARIANTS = ["ours", "ours_torch_loss", "ours_autocast", "ours_all_moe", "hf_grouped_mm", "hf_liger_flce"]
+DEFAULT_VARIANTS = ["ours", "ours_torch_loss", "ours_compiled", "ours_autocast", "ours_all_moe", "hf_grouped_mm",
+                    "hf_liger_flce"]
 FLOP_FORMULA = "flops_per_token = 6 * N_active + 12 * num_layers * (heads * head_dim) * seq_len; " \
                "MFU = tokens_per_s * flops_per_token / 989e12"
 
@@ -273,6 +281,10 @@ def run_variant(variant, preset, seq, batch_sizes, device, warmup, iters, stop_a
         result["check"]["fused_head_loss"] = check_fused_loss(model, cfg, probe)
     if variant == "hf_liger_flce":
         result["check"]["liger_vs_transformers_loss"] = check_liger_loss(model, probe)
+    if variant == "ours_compiled":  # after the eager checks: the probe's no-grad forward compiles nothing then
+        # On the CPU (the smoke run) aot_eager: the same graphs in seconds, where inductor's C++ takes minutes.
+        result["compile_backend"] = "inductor" if device.type == "cuda" else "aot_eager"
+        compile_dense_blocks(model, backend=result["compile_backend"])
 
     for batch in batch_sizes:
         if result["runs"] and time.monotonic() > stop_at:
@@ -294,6 +306,8 @@ def run_variant(variant, preset, seq, batch_sizes, device, warmup, iters, stop_a
             timing = time_ms(step, device, warmup, iters)
             if device.type == "cuda":
                 run["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+            elif variant == "ours_compiled":  # the tracker is a dispatch mode, which compiled code cannot run under
+                run["peak_bytes"] = None
             else:  # weights and optimizer state exist before the step; the tracker sees the rest
                 static = tensor_bytes(model.parameters()) + tensor_bytes(optimizer_tensors(optimizer))
                 with LiveTensorBytes() as tracker:
@@ -307,7 +321,7 @@ def run_variant(variant, preset, seq, batch_sizes, device, warmup, iters, stop_a
             torch.cuda.empty_cache()
             break
         tokens_per_s = batch * seq / (timing["ms"] * 1e-3)
-        run.update(status="ok", **timing, tokens_per_s=tokens_per_s, peak_gib=run["peak_bytes"] / GiB,
+        run.update(status="ok", **timing, tokens_per_s=tokens_per_s, peak_gib=run["peak_bytes"] / GiB if run["peak_bytes"] is not None else None,
                    achieved_tflops=tokens_per_s * result["flops_per_token"] / 1e12,
                    mfu=tokens_per_s * result["flops_per_token"] / (H100_BF16_DENSE_TFLOPS * 1e12)
                    if device.type == "cuda" else None)
@@ -345,6 +359,9 @@ def main(argv=None):
             results[variant] = {"status": "skipped", "reason": reason}
             continue
         batch_sizes = args.batch_sizes or ([SMOKE_BATCH] if args.smoke else mode["batch_sizes"].get(variant, [4]))
+        best_ours = (results.get("ours") or {}).get("best")
+        if variant in ("ours_torch_loss", "ours_compiled") and best_ours:  # side by side (one compile, not one per size)
+            batch_sizes = [best_ours["batch_size"]]
         results[variant] = guarded(lambda: {"status": "ok", **run_variant(variant, mode["preset"], seq, batch_sizes,
                                                                            device, warmup, iters, stop_at)}, device)
     best_ours = (results.get("ours") or {}).get("best")
@@ -352,6 +369,8 @@ def main(argv=None):
         best = result.get("best")
         if best_ours and best and name != "ours":
             result["tokens_per_s_ratio_ours_over_this"] = best_ours["tokens_per_s"] / best["tokens_per_s"]
+        if best_ours and best and name == "ours_compiled":
+            result["compile_speedup"] = best["tokens_per_s"] / best_ours["tokens_per_s"]
     write_json(args.out, {
         "benchmark": "train_step", "mode": "smoke" if args.smoke else "full", "environment": environment(device),
         "flop_formula": FLOP_FORMULA, "mfu_peak_tflops": H100_BF16_DENSE_TFLOPS,

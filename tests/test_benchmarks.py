@@ -140,6 +140,10 @@ def test_train_step_smoke(train_step):
     assert variants["ours_all_moe"]["flops_per_token"] > variants["ours"]["flops_per_token"]
     assert variants["hf_liger_flce"]["status"] == "skipped"
     assert finite(variants["hf_grouped_mm"]["tokens_per_s_ratio_ours_over_this"])
+    compiled = variants["ours_compiled"]  # --compile side by side with ours, at ours' best batch size
+    assert compiled["status"] == "ok", compiled
+    assert compiled["best"]["batch_size"] == variants["ours"]["best"]["batch_size"]
+    assert finite(compiled["compile_speedup"]) and compiled["compile_speedup"] > 0
 
 
 def test_router_permute_smoke(router_permute):

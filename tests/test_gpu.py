@@ -639,3 +639,40 @@ def test_chosen_experts_fetch_matches_resident_experts(device):
     report("chosen experts fetch", err=rel_err(out, expected), bytes_share=fetch.bytes_copied / layer_bytes)
     assert out.device == rows.device and rel_err(out, expected) < FP32_TOL
     assert fetch.bytes_copied == 3 * layer_bytes // 8
+
+
+# --- compiled dense blocks (--compile) -------------------------------------------------------------------------
+
+def test_compiled_dense_blocks_train_like_eager_in_bf16(device):
+    """--compile on the device: inductor's graphs of the dense blocks (the MoE layers eager) give the eager bf16
+    model's loss and gradients to bf16 rounding, with selective recompute too, and compile each block kind once
+    (a second step of the same shapes compiles nothing). The CPU dry run uses aot_eager: the same graphs without
+    inductor's C++ code generation, which takes minutes there."""
+    import copy
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from moe_system.parallel.compile import compile_dense_blocks
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        eager = OpenMoeForCausalLM(OpenMoeConfig.from_preset("tiny")).to(torch.bfloat16).train()
+    compiled = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("inductor" if ON_CUDA else "aot_eager")
+    compile_dense_blocks(compiled, backend=counter)
+    ids = torch.randint(0, eager.config.vocab_size, (4, 128), device=device)
+    figures = {}
+    for recompute in (None, "selective", None):
+        results = []
+        for model in (eager, compiled):
+            model.model.gradient_checkpointing = recompute is not None
+            model.model.recompute = recompute or "full"
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        (loss_e, grads_e), (loss_c, grads_c) = results
+        figures[f"loss_rel_err_{recompute}"] = rel_err(loss_c, loss_e)
+        figures[f"max_grad_rel_err_{recompute}"] = max(rel_err(grads_c[n], g) for n, g in grads_e.items())
+        assert figures[f"loss_rel_err_{recompute}"] < BF16_TOL and figures[f"max_grad_rel_err_{recompute}"] < BF16_TOL
+    figures["compiled_frames"] = counter.frame_count
+    report("compiled dense blocks", **figures)
+    assert counter.frame_count == 6  # dense layer, norm, attention, FFN; the layer and FFN again under recompute

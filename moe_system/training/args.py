@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --gradient_checkpointing: full (whole decoder layers: least memory, and what the "
                    "memory planner's --checkpointing assumes) or selective (attention blocks and SwiGLU products; "
                    "never the expert all-to-alls: less recompute and communication, more memory)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the dense blocks (attention, dense FFNs, norms) one by one; the MoE layers "
+                   "stay eager. Pays on GPUs; works on the CPU too (inductor's C++ backend), where the first "
+                   "step spends a minute or more compiling")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="bundled",

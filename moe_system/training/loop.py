@@ -22,6 +22,7 @@ from ..model.convert import checkpoint_config
 from ..moe.balancing import update_expert_bias
 from ..moe.load import ExpertLoadMeter
 from ..parallel.checkpoint_io import load_pretrained_weights
+from ..parallel.compile import compile_dense_blocks
 from ..parallel.config import ParallelConfig
 from ..parallel.launch import init_distributed
 from ..parallel.optimizers import adamw
@@ -104,6 +105,8 @@ def run_training(args, earlier_run: list[str]) -> dict:
     optimizer = adamw(decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.warmup_steps, data.total_steps)
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
+    if args.compile:  # on the plugin's final modules (MoE layers replaced, parameters cast): compiles on step 1
+        compile_dense_blocks(model.unwrap())
     if args.load_checkpoint and not resume_from:  # strict, each rank its own slices (a resume replaces them)
         load_pretrained_weights(booster, model, args.load_checkpoint)
 
