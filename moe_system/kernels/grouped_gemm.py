@@ -113,8 +113,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 operands follow torch's matmul setting: TF32 only where torch would use it for a matmul too.
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # fp32 operands follow torch's matmul setting: TF32 only where torch would use it for a matmul too (16-bit
+    # operands have one precision: they get Triton's default).
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
 def _interpreted_bf16(x: torch.Tensor) -> bool:
@@ -158,7 +159,8 @@ def _weight_grad(x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor) -> torch
     grid = (triton.cdiv(k_in, block_k) * triton.cdiv(n_out, block_n), num_experts)
     _grouped_weight_grad_kernel[grid](x, dy, dw, ends, k_in, n_out, x.stride(0), x.stride(1), dy.stride(0),
                                       dy.stride(1), *dw.stride(), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
-                                      PRECISION=_precision(x.dtype), UPCAST=_interpreted_bf16(x), num_warps=warps, num_stages=stages)
+                                      PRECISION=_precision(x.dtype), UPCAST=_interpreted_bf16(x), num_warps=warps,
+                                      num_stages=stages)
     return dw.to(x.dtype)
 
 
