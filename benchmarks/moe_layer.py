@@ -7,6 +7,9 @@
 Implementations, all run in the same process on the same input:
 * ours                 OpenMoeSparseMLP as it runs: grouped_mm experts, else its fallback (moe_system/moe)
 * ours_loop            the same layer with its per-expert loop
+* ours_triton          the same layer on our Triton grouped GEMM (moe_system/kernels/grouped_gemm.py), which auto
+                       takes where torch._grouped_mm has no kernel (sm80-sm89, fp16); CUDA only (on the CPU only
+                       under TRITON_INTERPRET=1)
 * torch_grouped_mm     a plain reference written here: argsort, gather, 2 grouped GEMMs, index_add
 * hf_<impl>            transformers' MixtralSparseMoeBlock, one entry per registered experts_implementation
 * liger_fused_moe      liger-kernel's fused MoE (Triton; only where it imports, i.e. on a GPU with the wheel)
@@ -45,6 +48,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from moe_system.kernels import triton_usable
 from moe_system.model import OpenMoeConfig
 from moe_system.moe import OpenMoeSparseMLP, capacity
 from moe_system.moe.experts import swiglu3
@@ -252,12 +256,16 @@ def run_case(shape_name, shape, tokens, routing, dispatch, impls, device, dtype,
 
     builders = {
         "ours": lambda: ours,
-        "ours_loop": lambda: loop_copy(ours),
+        "ours_loop": lambda: impl_copy(ours, "loop"),
+        "ours_triton": lambda: impl_copy(ours, "triton"),
         "torch_grouped_mm": lambda: ReferenceLayer(ours.gate_weight, ours_weights_in(), ours.experts.wo, top_k,
                                                    "openmoe3", cap),
     }
-    function_of = {"ours": "openmoe3", "ours_loop": "openmoe3", "torch_grouped_mm": "openmoe3"}
+    function_of = {name: "openmoe3" for name in builders}
     skipped = {}
+    if not triton_usable(x):
+        del builders["ours_triton"]
+        skipped["ours_triton"] = "the Triton kernel needs CUDA (or TRITON_INTERPRET=1 on the CPU) and triton installed"
     for impl in hf_experts_implementations():
         name = f"hf_{impl}"
         if impl in ("eager",):
@@ -353,9 +361,9 @@ def run_case(shape_name, shape, tokens, routing, dispatch, impls, device, dtype,
     return case
 
 
-def loop_copy(layer: OpenMoeSparseMLP) -> OpenMoeSparseMLP:
+def impl_copy(layer: OpenMoeSparseMLP, impl: str) -> OpenMoeSparseMLP:
     other = copy.deepcopy(layer)
-    other.experts.impl = "loop"
+    other.experts.impl = impl
     return other
 
 

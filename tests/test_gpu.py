@@ -1,9 +1,10 @@
-"""The fast paths on a CUDA device: grouped-GEMM experts, the fused LM head + loss and its Triton cross-entropy
-kernel, cached generation, the SDPA backend of training, host synchronisations per training step, and bf16
-checkpoints.
+"""The fast paths on a CUDA device: grouped-GEMM experts (torch's and our Triton kernel), the fused LM head + loss
+and its Triton cross-entropy kernel, cached generation, the SDPA backend of training, the compiled dense blocks,
+host synchronisations per training step, and bf16 checkpoints.
 
     pytest -q -m gpu tests -rA                                   # on a CUDA machine (sm90+ for grouped GEMM)
     MOE_GPU_TESTS_DEVICE=cpu pytest -q tests/test_gpu.py -rA     # the same logic on the CPU, as a dry run
+    (add TRITON_INTERPRET=1 to the dry run to run the Triton kernels too, under Triton's interpreter)
 
 Without CUDA (and without the switch) every test here is skipped. With the switch, the parts that only mean
 something on CUDA (flash-only SDPA, the sync-debug count) are skipped one by one with the reason; the rest runs
@@ -200,6 +201,65 @@ def test_sparse_moe_layer_bf16_grouped_matches_fp32_loop(device, monkeypatch, di
     report(f"MoE layer {dispatch} bf16 grouped vs fp32 loop", dropped=dropped, **errors)
     for k, err in errors.items():
         assert err < BF16_TOL, f"{k}: relative error {err:.3g} (bf16 tolerance {BF16_TOL})"
+
+
+def test_triton_grouped_experts_bf16_match_fp32_loop_without_host_sync(device, monkeypatch):
+    """expert_ffn(impl="triton") (moe_system/kernels/grouped_gemm.py) in bf16 at OpenMoE-base's expert shape with
+    uneven groups (none, one row, counts off the 64-row tile) vs the fp32 per-expert loop on the same values;
+    on CUDA its forward + backward synchronises with the host 0 times, and auto takes it for fp16 operands
+    (torch._grouped_mm has no fp16 kernel). The CPU dry run needs TRITON_INTERPRET=1 (set before triton's first
+    import) and shrinks the shape for the interpreter."""
+    from moe_system.kernels import triton_usable
+    if not triton_usable(torch.empty(0, device=device)):
+        pytest.skip("the Triton kernel runs on the CPU only under TRITON_INTERPRET=1 (tests/test_grouped_gemm_kernel"
+                    ".py runs it there at small shapes)")
+    torch.manual_seed(0)
+    if ON_CUDA:
+        counts = [611, 0, 1030, 5, 0, 777, 64, 1, 900, 333, 0, 1200, 129, 700, 1000, 1441]  # 8192 rows, 16 experts
+        hidden, inter = 768, 2048
+    else:
+        counts, hidden, inter = [37, 0, 65, 5, 0, 48, 17, 1], 32, 48
+    num = len(counts)
+    counts = torch.tensor(counts, device=device)
+    x = torch.randn(int(counts.sum()), hidden, device=device).bfloat16()
+    weights = [(torch.randn(num, hidden, 2 * inter, device=device) * hidden ** -0.5).bfloat16(),
+               (torch.randn(num, hidden, inter, device=device) * hidden ** -0.5).bfloat16(),
+               (torch.randn(num, inter, hidden, device=device) * inter ** -0.5).bfloat16()]
+    grad_out = torch.randn(x.shape, device=device)
+    kernel_calls = []
+    real = experts_module._triton_grouped
+    monkeypatch.setattr(experts_module, "_triton_grouped",
+                        lambda a, w, ends: kernel_calls.append(a.dtype) or real(a, w, ends))
+
+    def run(dtype, impl, counter=None):
+        xi = x.detach().to(dtype).requires_grad_()
+        ws = [w.detach().to(dtype).requires_grad_() for w in weights]
+        g = grad_out.to(dtype)
+        with counter or nullcontext():
+            y = expert_ffn(xi, counts, *ws, impl=impl)
+            y.backward(g)
+        return [y, xi.grad, *(w.grad for w in ws)]
+
+    run(torch.bfloat16, "triton")  # warm-up: compiles the kernels
+    syncs = SyncCounter() if ON_CUDA else None
+    fast = run(torch.bfloat16, "triton", syncs)
+    reference = run(torch.float32, "loop")
+    assert kernel_calls and set(kernel_calls) == {torch.bfloat16}
+    names = ["out", "grad_x", "grad_wi_gate", "grad_wi_up", "grad_wo"]
+    errors = {n: rel_err(a, b) for n, a, b in zip(names, fast, reference)}
+    report("triton grouped experts bf16 vs fp32 loop", rows=x.shape[0], hidden=hidden, inter=inter,
+           host_syncs=syncs.count if syncs else "not counted on the CPU", **errors)
+    assert fast[0].dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in fast[1:])
+    for n, err in errors.items():
+        assert err < BF16_TOL, f"{n}: relative error {err:.3g} (bf16 tolerance {BF16_TOL})"
+    assert not fast[4][1].any() and not fast[4][4].any(), "experts with no rows must get zero gradients"
+    if not ON_CUDA:
+        return
+    assert syncs.count == 0, f"the Triton experts synchronised with the host: {dict(syncs.locations)}"
+    kernel_calls.clear()
+    half = run(torch.float16, "auto")
+    assert len(kernel_calls) == 3 and set(kernel_calls) == {torch.float16}, "auto did not take the Triton kernel"
+    assert rel_err(half[0], reference[0]) < BF16_TOL
 
 
 # --- 2. fused chunked LM head + loss ------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from moe_system.kernels import triton_usable
+
 _recompute_swiglu = False
 
 
@@ -77,6 +79,16 @@ def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> to
     return torch._grouped_mm(x, weight, offs=offsets)
 
 
+def triton_grouped_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the Triton grouped GEMM (moe_system/kernels/grouped_gemm.py) runs for these operands."""
+    return triton_usable(x) and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_grouped(x: torch.Tensor, weight: torch.Tensor, row_ends: torch.Tensor) -> torch.Tensor:
+    from moe_system.kernels.grouped_gemm import grouped_mm  # imports triton, which reads TRITON_INTERPRET once
+    return grouped_mm(x, weight, row_ends)
+
+
 def _per_expert(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
     # Reference path: one matmul per expert (a host sync for the counts).
     outs = [rows @ weight[e] for e, rows in enumerate(x.split(counts))]
@@ -118,8 +130,9 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, wi_gate: torch.Tensor, wi_
     """Rows x [N, H], sorted so that expert e owns the next counts[e] rows, through each row's expert -> [N, H].
 
     rows_per_expert: the callers that know every count equals it without a host sync (capacity-mode expert
-    parallelism) say so; the fallback then needs none. impl: auto, grouped_mm, bmm (padded batched GEMM) or loop
-    (one GEMM per expert, the reference)."""
+    parallelism) say so; the fallback then needs none. impl: auto, grouped_mm, triton (our grouped GEMM kernel, for
+    CUDA devices and dtypes grouped_mm has no kernel for), bmm (padded batched GEMM) or loop (one GEMM per expert,
+    the reference)."""
     weights_in = (wi_gate, wi_up)
     if torch.is_autocast_enabled(x.device.type):
         # Do what autocast does for a matmul (it does not cover torch._grouped_mm): compute in its dtype. Without
@@ -130,11 +143,20 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, wi_gate: torch.Tensor, wi_
         dtype = torch.get_autocast_dtype(x.device.type)
         x, wo = x.to(dtype), wo.to(dtype)
         weights_in = (_CastSideBySide.apply(wi_gate, wi_up, dtype),)
-    if impl not in ("auto", "grouped_mm", "bmm", "loop"):
-        raise ValueError(f"unknown expert implementation {impl!r}; use auto, grouped_mm, bmm or loop")
+    if impl not in ("auto", "grouped_mm", "triton", "bmm", "loop"):
+        raise ValueError(f"unknown expert implementation {impl!r}; use auto, grouped_mm, triton, bmm or loop")
     if impl == "grouped_mm" or (impl == "auto" and all(grouped_mm_supported(x, w) for w in (*weights_in, wo))):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         return _through(x, weights_in, wo, lambda rows, w: _grouped(rows, w, offsets))
+    triton_ok = all(triton_grouped_supported(x, w) for w in (*weights_in, wo))
+    if impl == "triton" and not triton_ok:
+        raise ValueError(f"expert implementation 'triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 on "
+                         f"the CPU) and fp16, bf16 or fp32 rows and weights of one dtype, not {x.dtype} rows on "
+                         f"{x.device.type}; use auto")
+    # Capacity mode keeps its padded bmm (equal counts: no padding, no sync); the CPU keeps the paths below.
+    if impl == "triton" or (impl == "auto" and triton_ok and rows_per_expert is None and x.device.type == "cuda"):
+        row_ends = torch.cumsum(counts, 0, dtype=torch.int32)  # stays on the device: the kernel reads it there
+        return _through(x, weights_in, wo, lambda rows, w: _triton_grouped(rows, w, row_ends))
     if impl != "loop" and rows_per_expert is not None:
         return _padded_bmm(x, counts, rows_per_expert, weights_in, wo)
     sizes = counts.tolist()  # the one host sync of the other fallbacks
