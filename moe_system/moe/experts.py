@@ -153,8 +153,11 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, wi_gate: torch.Tensor, wi_
         raise ValueError(f"expert implementation 'triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 on "
                          f"the CPU) and fp16, bf16 or fp32 rows and weights of one dtype, not {x.dtype} rows on "
                          f"{x.device.type}; use auto")
-    # Capacity mode keeps its padded bmm (equal counts: no padding, no sync); the CPU keeps the paths below.
-    if impl == "triton" or (impl == "auto" and triton_ok and rows_per_expert is None and x.device.type == "cuda"):
+    # Capacity mode keeps its padded bmm (equal counts: no padding, no sync); the CPU keeps the paths below. fp32
+    # rows stay on cuBLAS's per-expert SGEMMs: without TF32 a Triton fp32 dot runs on the CUDA cores too, and it is
+    # not measured to beat them (impl="triton" still takes it).
+    auto_triton = triton_ok and rows_per_expert is None and x.device.type == "cuda" and x.dtype != torch.float32
+    if impl == "triton" or (impl == "auto" and auto_triton):
         row_ends = torch.cumsum(counts, 0, dtype=torch.int32)  # stays on the device: the kernel reads it there
         return _through(x, weights_in, wo, lambda rows, w: _triton_grouped(rows, w, row_ends))
     if impl != "loop" and rows_per_expert is not None:
