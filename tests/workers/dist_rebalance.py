@@ -8,7 +8,7 @@ on the same data, STEPS optimizer steps each:
   moved     experts forcibly re-placed after steps 2 and 4 (every expert changes rank the first time), then the
             placement search on the measured load after step 5; a full checkpoint is saved after step 4;
   resumed   a fresh model and optimizer (experts in canonical slots) that load that checkpoint and run steps
-            5..STEPS like `moved` did (not for the weights_only case, which is only compared with plain).
+            5..STEPS like `moved` did.
 Rank 0 writes per-step losses, canonical parameters, and what happened to the placement.
 """
 
@@ -104,9 +104,7 @@ def main():
     for case in cases:
         config = make_config(case.get("dispatch", "dropless"))
         checkpoint = os.path.join(out_dir, f"{case['name']}-ckpt")
-        # The deliberately broken case is only compared with its plain run: no resume for it.
-        modes = ("plain", "moved") if case.get("weights_only") else ("plain", "moved", "resumed")
-        runs = {mode: run(case, config, mode, checkpoint) for mode in modes}
+        runs = {mode: run(case, config, mode, checkpoint) for mode in ("plain", "moved", "resumed")}
         # Did this rank end up holding other experts than without rebalancing? (any rank is enough)
         changed = torch.tensor([float(any(not torch.equal(runs["plain"]["local"][k], v)
                                           for k, v in runs["moved"]["local"].items()))])
