@@ -3,6 +3,7 @@ never interrupted (fp32 on CPU: every operation is deterministic, so bit-exact i
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,12 +40,26 @@ def final_weights(output: Path) -> dict:
     return weights
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An uninterrupted run per process count (checkpoints at steps 4, 8, 12), made once for the tests that
+    compare against it or resume from a copy of it."""
+    runs = {}
+
+    def run(nproc: int) -> Path:
+        if nproc not in runs:
+            out = tmp_path_factory.mktemp(f"straight{nproc}") / "run"
+            subprocess.run(command(nproc, out), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
+            runs[nproc] = out
+        return runs[nproc]
+    return run
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_then_resume_is_bit_exact(tmp_path, nproc):
-    straight = tmp_path / "straight"
-    subprocess.run(command(nproc, straight), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
+def test_sigkill_then_resume_is_bit_exact(tmp_path, nproc, straight_run):
+    straight = straight_run(nproc)
 
     broken = tmp_path / "broken"
     proc = subprocess.Popen(command(nproc, broken), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
@@ -77,13 +92,11 @@ def test_resume_with_nothing_to_resume_is_a_clear_error(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_resume_into_another_layout_is_refused_and_the_weights_load_anywhere(tmp_path):
+def test_resume_into_another_layout_is_refused_and_the_weights_load_anywhere(tmp_path, straight_run):
     out = tmp_path / "ep2"
-    first = subprocess.run(command(2, out, "--max_steps", "4"), cwd=ROOT, env=env(), capture_output=True,
-                           text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = subprocess.run(command(1, out, "--resume", "latest"), cwd=ROOT, env=env(), capture_output=True,
-                             text=True, timeout=300)
+    shutil.copytree(straight_run(2), out)  # a copy: the refused resume must not reach the shared run
+    resumed = subprocess.run(command(1, out, "--resume", "latest", "--max_steps", "16"), cwd=ROOT, env=env(),
+                             capture_output=True, text=True, timeout=300)
     assert resumed.returncode != 0 and "Traceback" not in resumed.stderr
     assert "resume with the same layout" in resumed.stderr
     weights = out / "checkpoint-4" / "model"
