@@ -24,7 +24,7 @@ demo: venv
 	$(PY) infer.py --greedy --prompt "3 4 + 2 5 =" --prompt "reverse: a b c d ->" --prompt "capital: France ->"
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # The in-process tests only (no multi-process launches, nothing over ~20 s): a few minutes.
 test-fast: venv
