@@ -137,6 +137,45 @@ def test_pipeline_evaluates_through_the_schedule_like_one_process(tmp_path):
     assert (result.stdout + result.stderr).count("exact match is not evaluated with a pipeline") == 1
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("ep, moe_dp, samples, rows_per_replica", [
+    (2, 1, 11, (7, 4)),  # batches of 4, 4 and 3: replica 0 holds batches 0 and 2, replica 1 batch 1
+    (1, 2, 3, (3, 0)),  # one batch: replica 1 has none
+])
+def test_pipeline_replicas_split_the_held_out_rows_and_agree_with_one_process(tmp_path, ep, moe_dp, samples,
+                                                                               rows_per_replica):
+    """Four gloo ranks, pp=2 x dp=2 (the replicas either one EP group, whose all-to-alls pair up across them, or
+    expert replicas): the held-out batches are shared out over the replicas, each stage of a replica runs only
+    that replica's rows, and the loss (periodic and final) is the saved model's in one process."""
+    from moe_system.parallel.layout import Layout
+
+    out = tmp_path / "run"
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+           str(ROOT / "tests" / "workers" / "counted_eval.py"), str(counts),
+           "--plugin", "hybrid", "--pp_size", "2", "--ep_size", str(ep), "--dp_size", str(moe_dp),
+           "--microbatch_size", "2", "--zero_stage", "0", "--precision", "fp32", "--max_steps", "2",
+           "--batch_size", "4", "--max_length", "32", "--eval_dataset", "bundled", "--eval_interval", "1",
+           "--eval_samples", str(samples), "--eval_batch_size", "4", "--output_path", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluations = 3  # after steps 1 and 2, and the final one
+    rows = {rank: json.loads((counts / f"eval_rows-{rank}.json").read_text()) for rank in range(4)}
+    replica = {rank: Layout(world=4, pp=2, ep=ep, moe_dp=moe_dp, rank=rank).data_parallel_rank for rank in range(4)}
+    # Both stages of a replica run its rows (a replica without rows still runs the others' micro-batch count).
+    assert {rank: sum(calls) for rank, calls in rows.items()} == {
+        rank: rows_per_replica[replica[rank]] * evaluations for rank in range(4)}, rows
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    periodic = [r["eval/loss"] for r in records if "eval/loss" in r and "steps" not in r]
+    summary = json.loads((out / "summary.json").read_text())
+    want = _reference_loss(out / "final", eval_samples=samples, max_length=32)
+    assert len(periodic) == 2 and periodic[1] == pytest.approx(want, rel=1e-5)
+    assert summary["eval/loss"] == pytest.approx(want, rel=1e-5)
+
+
 def test_a_resumed_run_takes_the_architecture_its_checkpoint_saved(tmp_path):
     """A run started from --load_checkpoint of a model no preset describes resumes as that model (train.py refuses
     --load_checkpoint beside --resume, so the preset would otherwise be built and fail to load)."""

@@ -5,7 +5,8 @@ forward is a collective: ranks that stopped early would leave the others waiting
 
 Memory: the loss never materialises full-vocabulary logits (chunked over tokens), prompts are prefilled keeping
 only the last position's logits, and batches hold --eval_batch_size rows. With a pipeline every stage evaluates
-its own layers through the schedule (forward only); greedy decoding is not run there.
+its own layers through the schedule (forward only), each data-parallel replica its share of the batches; greedy
+decoding is not run there.
 """
 
 import math
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from ..data import build_dataset, load_records, prompt_ids
 from ..data.mixture import source_label
 from ..model.loss import chunked_lm_loss
+from ..parallel.comm import all_reduce_values, group_size
 
 
 @torch.no_grad()
@@ -98,39 +100,52 @@ def plain_lm_loss(config):
 
 
 @torch.no_grad()
-def pipeline_evaluate_loss(booster, model, batches, pp_group, device) -> dict:
+def pipeline_evaluate_loss(booster, model, batches, pp_group, dp_group, device) -> dict:
     """evaluate_loss through the pipeline schedule, forward only: each stage runs its own layers and the last
-    one the loss; every rank returns the same numbers. Collective over the whole world (every rank evaluates
-    every batch: data-parallel replicas the same rows, so that expert-parallel all-to-alls pair up)."""
+    one the loss; every rank returns the same numbers. The data-parallel replicas share the batches out (batch i
+    to replica i mod dp), and the token-loss sums and target counts are added over the replicas' last stages.
+    Collective over the whole world: with expert parallelism a stage's forward all-to-alls span the replicas, so
+    every replica runs as many micro-batches as the busiest one, the missing ones on rows without targets."""
     lm, schedule = model.unwrap(), booster.plugin.scheduler
+    replicas, replica = group_size(dp_group), dist.get_rank(dp_group) if dp_group is not None else 0
     was_training = lm.training
     model.eval()
-    sums = []  # last stage: the summed token losses of each micro-batch
+    sums = []  # last stage: [summed token losses, target tokens] of each micro-batch
 
-    def criterion(out, _micro_batch):
-        sums.append(out.lm_loss.detach().float())
+    def criterion(out, micro_batch):
+        targets = (micro_batch["labels"][:, 1:] != -100).sum()
+        sums.append(torch.stack([out.lm_loss.detach().double(), targets.double()]))
         return out.lm_loss
+
+    def run(batch):
+        batch = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device),
+                 "num_items_in_batch": 1.0}  # a sum over tokens; not a tensor: given whole to each
+        booster.execute_pipeline(iter([batch]), model, criterion, optimizer=None, return_loss=True)
 
     kept = {name: getattr(schedule, name) for name in _SCHEDULE_STATE}
     # Eval micro-batches may differ in shape from training's (a shorter last one): send shapes every time.
     schedule.enable_metadata_cache, schedule.tensor_metadata_recv, schedule.grad_metadata_recv = False, None, None
     schedule.send_tensor_metadata = schedule.send_grad_metadata = True
-    count = 0
+    micro_batches = [0] * replicas  # of each replica's share: every rank knows every batch's rows
+    first = None
     try:  # no_sync: execute_pipeline would otherwise all-reduce (zero-filled) gradients after the schedule
         with plain_lm_loss(lm.config), model.no_sync():
-            for batch in batches:
-                count += int((batch["labels"][:, 1:] != -100).sum())
-                batch = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device),
-                         "num_items_in_batch": 1.0}  # a sum over tokens; not a tensor: given whole to each
-                booster.execute_pipeline(iter([batch]), model, criterion, optimizer=None, return_loss=True)
+            for i, batch in enumerate(batches):
+                first = batch if first is None else first
+                micro_batches[i % replicas] += -(-len(batch["labels"]) // schedule.microbatch_size)
+                if i % replicas == replica:
+                    run(batch)
+            missing = max(micro_batches) - micro_batches[replica]
+            if missing:  # copies of one row, no targets: they add nothing to either sum
+                rows = first["input_ids"][:1].repeat(missing * schedule.microbatch_size, 1)
+                run({"input_ids": rows, "labels": torch.full_like(rows, -100)})
     finally:
         for name, value in kept.items():
             setattr(schedule, name, value)
         lm.train(was_training)
-    total = torch.stack(sums).sum() if sums else torch.zeros((), device=device)
-    if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        dist.all_reduce(total, group=pp_group)
-    loss = total.item() / max(count, 1)
+    local = torch.stack(sums).sum(dim=0) if sums else torch.zeros(2, dtype=torch.float64)
+    total, count = all_reduce_values(all_reduce_values(local, pp_group), dp_group).tolist()
+    loss = total / max(count, 1)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -169,7 +184,8 @@ class Evaluator:
         rows = build_dataset(subset, self.tokenizer, self.args.max_length, mode="pad", on_overlong="truncate")
         batches = torch.utils.data.DataLoader(rows, batch_size=self.args.eval_batch_size)
         if self.pipeline:
-            result = pipeline_evaluate_loss(self.booster, self.model, batches, self.booster.plugin.pp_group,
+            plugin = self.booster.plugin
+            result = pipeline_evaluate_loss(self.booster, self.model, batches, plugin.pp_group, plugin.dp_group,
                                             self.device)
         else:
             result = evaluate_loss(self.model, batches, self.device)
