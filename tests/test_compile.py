@@ -152,3 +152,21 @@ def test_train_py_with_compile_saves_checkpoints_that_resume_without_it(tmp_path
     resumed = train(out, "--resume", "latest", "--max_steps", "3")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at step 2" in resumed.stdout
+
+
+def test_a_block_past_the_recompile_limit_runs_eagerly_with_one_note(capsys):
+    """Each new training shape compiles a static graph; past dynamo's limit (8 per block kind) the kind falls back
+    to eager, with one note, instead of raising FailOnRecompileLimitHit, and trains as the eager model does."""
+    eager = tiny_model(layers=2)
+    compiled = compile_dense_blocks(copy.deepcopy(eager), backend="aot_eager")
+    torch._dynamo.reset()  # earlier tests' graphs of these code objects count towards the limit
+    lengths = range(5, 5 + torch._dynamo.config.recompile_limit + 3)
+    for length in lengths:
+        ids = torch.randint(0, eager.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+        loss_e, grads_e = loss_and_grads(eager, None, ids)
+        loss_c, grads_c = loss_and_grads(compiled, None, ids)
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+        for name, grad in grads_e.items():
+            torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: --compile")]
+    assert len(notes) == 1 and "OpenMoeDecoderLayer" in notes[0] and "drop --compile" in notes[0], notes
