@@ -4,8 +4,9 @@ Usage: torchrun --nproc_per_node N tests/workers/dist_parity.py OUT_DIR CASE_JSO
 Each case is a dict: plugin, zero, precision, extra_dp_size / pp, dp, ep, microbatch, dispatch, starve,
 optimizer, max_norm, name; optionally save (a directory for booster.save_model), overlap (--comm_overlap
 with that many chunks), accum (that many accumulation micro-batches per step, as --grad_accum_steps), sync_each
-(reduce gradients after every micro-batch's backward, as before no_sync). Every case records the gradient
-reductions (all-reduce / reduce-scatter calls inside booster.backward) of each step.
+(reduce gradients after every micro-batch's backward, as before no_sync), compile (a dynamo backend: the dense
+blocks compiled as train.py --compile does, recording every rank's count of compiled graphs after training and an evaluation of another shape). Every case records
+the gradient reductions (all-reduce / reduce-scatter calls inside booster.backward) of each step.
 Several cases share one process group (launching costs more than a case on 2 CPU cores).
 """
 
@@ -23,12 +24,15 @@ sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
 from dist_common import STEPS, make_batch, make_config, make_model, make_optimizer, routing_groups  # noqa: E402
 
 from colossalai.booster import Booster  # noqa: E402
+from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
 from moe_system.moe.expert_parallel import AllToAllDispatch  # noqa: E402
 from moe_system.parallel.checkpoint_io import canonical_state_dict  # noqa: E402
+from moe_system.parallel.compile import compile_dense_blocks  # noqa: E402
 from moe_system.parallel.config import ParallelConfig  # noqa: E402
 from moe_system.parallel.launch import init_distributed  # noqa: E402
 from moe_system.parallel.plugin import build_plugin  # noqa: E402
+from moe_system.training.evaluate import evaluate_loss, pipeline_evaluate_loss  # noqa: E402
 from moe_system.training.forward_backward import forward_backward, pipeline_forward_backward  # noqa: E402
 
 
@@ -110,6 +114,11 @@ def run_case(case: dict, out_dir: str) -> None:
     plugin, layout, booster, model, optimizer = boosted(case, config)
     if case.get("load"):
         booster.load_model(model, case["load"])
+    graphs = None
+    if case.get("compile"):  # where train.py --compile applies it: the unwrapped model, after boosting
+        torch._dynamo.reset()  # graphs of an earlier case would be reused and go uncounted
+        graphs = CompileCounterWithBackend(case["compile"])
+        compile_dense_blocks(model.unwrap(), backend=graphs)
 
     batch = make_batch()
     shard = routing_groups(batch, layout.dp_size, None)[layout.data_parallel_rank]
@@ -141,6 +150,15 @@ def run_case(case: dict, out_dir: str) -> None:
     state = canonical_state_dict(model.unwrap())
     stages = [None] * layout.pp
     dist.all_gather_object(stages, state, group=plugin.pp_group)
+    compiled_graphs = [None] * dist.get_world_size()
+    if graphs:  # evaluation runs the blocks eagerly (eval mode), whatever its shapes: it must compile nothing
+        rows = [{k: v[:4, :9] for k, v in make_batch().items()}]  # every rank the same rows: the all-to-alls pair
+        if layout.is_pipeline:
+            pipeline_evaluate_loss(booster, model, rows, plugin.pp_group, torch.device("cpu"))
+        else:
+            evaluate_loss(model, rows, torch.device("cpu"))
+        assert model.unwrap().training  # the evaluation handed the model back in training mode
+        dist.all_gather_object(compiled_graphs, graphs.frame_count)
     if case.get("save"):
         booster.save_model(model, case["save"], shard=True, use_safetensors=True, size_per_shard=1)
         booster.save_model(model, case["save"] + ".safetensors", shard=False, use_safetensors=True)
@@ -149,7 +167,7 @@ def run_case(case: dict, out_dir: str) -> None:
         chunks = sorted({layer.dispatcher.overlap_chunks for layer in model.unwrap().moe_layers()
                          if isinstance(layer.dispatcher, AllToAllDispatch)})
         torch.save({"losses": losses, "norms": norms, "state": merged, "layout": layout.describe(),
-                    "overlap_chunks": chunks, "reductions": reductions},
+                    "overlap_chunks": chunks, "reductions": reductions, "compiled_graphs": compiled_graphs},
                    os.path.join(out_dir, f"{case['name']}.pt"))
     dist.barrier()
 
