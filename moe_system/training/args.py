@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the dense blocks (attention, dense FFNs, norms) one by one; the MoE layers "
                    "stay eager. Pays on GPUs; works on the CPU too (inductor's C++ backend), where the first "
                    "step spends a minute or more compiling")
+    g.add_argument("--compile_backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                   help="with --compile: torch.compile's backend. inductor generates the fast kernels; aot_eager "
+                   "and eager trace the same graphs without code generation (to tell a compiler problem from a "
+                   "model one, or to check a set-up quickly)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="bundled",

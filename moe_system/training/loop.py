@@ -106,7 +106,7 @@ def run_training(args, earlier_run: list[str]) -> dict:
     scheduler = build_scheduler(optimizer, args.lr_scheduler, args.warmup_steps, data.total_steps)
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
     if args.compile:  # on the plugin's final modules (MoE layers replaced, parameters cast): compiles on step 1
-        compile_dense_blocks(model.unwrap())
+        compile_dense_blocks(model.unwrap(), backend=args.compile_backend)
     if args.load_checkpoint and not resume_from:  # strict, each rank its own slices (a resume replaces them)
         load_pretrained_weights(booster, model, args.load_checkpoint)
 
