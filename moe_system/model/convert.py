@@ -448,7 +448,8 @@ def read_source(src: Path, layout: str, config: OpenMoeConfig) -> tuple[LazyWeig
         tensors, rules, what = read_t5x_npz(src), t5x_rules(config), f"T5X checkpoint {src}"
     else:
         # Colossal-AI and OrionZheng files already use our names and shapes (see the module docstring).
-        tensors, rules, what = read_hf_weights(src), [Rule(name, name) for name in expected], f"{layout} checkpoint {src}"
+        tensors, what = read_hf_weights(src), f"{layout} checkpoint {src}"
+        rules = [Rule(name, name) for name in expected]
     check_rules(tensors.headers, rules, expected, what)
     return tensors, {rule.target: rule for rule in rules}
 
