@@ -14,8 +14,10 @@ sin/cos tables are not in those files: the Colossal-AI model holds them as plain
 as unexpected rather than silently dropped. T5X differs in names and in the orientation of dense kernels.
 
 Conversion is strict. Every source tensor must be used and every tensor of our model produced with the right
-shape, or a CheckpointError lists all the problems. The output is written into a temporary directory beside the
-destination and renamed into place when complete, so a failed conversion leaves no destination behind.
+shape, or a CheckpointError lists all the problems, found from the headers before any weight is read. Then each
+tensor is read, converted and written into its shard on its own, so memory holds one tensor, not the model. The
+output is written into a temporary directory beside the destination and renamed into place when complete, so a
+failed conversion leaves no destination behind.
 """
 
 import argparse
