@@ -7,6 +7,10 @@ gate/up projections or swapped gate halves all fail.
 """
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +20,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from moe_system.model import OpenMoeConfig
-from moe_system.model.convert import (CONVERTED_MARKER, CheckpointError, config_from_released, conversion_dir,
-                                      convert_checkpoint, convert_once, detect_layout, is_conversion_of,
-                                      load_any_checkpoint, load_pretrained_strict, main, read_t5x_npz)
+from moe_system.model.convert import (CONVERTED_MARKER, CheckpointError, Rule, checkpoint_config,
+                                      config_from_released, conversion_dir, convert_checkpoint, convert_once,
+                                      detect_layout, expected_shapes, is_conversion_of, load_any_checkpoint,
+                                      load_pretrained_strict, main, read_t5x_npz, t5x_rules)
 
 # Layer 0 is dense and layer 1 MoE; heads * head_dim != hidden, and H, I, 2I all differ so that most transposes
 # also change shapes.
@@ -445,3 +450,133 @@ def test_conversion_writes_on_a_rank_other_than_the_first(tmp_path, monkeypatch)
     monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 8)
     src = write_released(tmp_path / "src", "orion", released_torch_tensors())
     assert (convert_once(src) / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming: the same files as save_pretrained, one tensor in memory at a time
+
+
+def saved_by_save_pretrained(directory, config, state: dict, dtype) -> dict[str, bytes]:
+    """The files save_pretrained writes for a model holding state (the whole-model way of writing a conversion)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict({name: t.to(dtype) for name, t in state.items()}, strict=True, assign=True)
+    model.save_pretrained(directory, max_shard_size="20KB")
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize("layout, dtype", [("colossal", None), ("orion", "bfloat16")])
+def test_streamed_conversion_writes_what_save_pretrained_writes(tmp_path, layout, dtype):
+    tensors = released_torch_tensors()
+    src = write_released(tmp_path / "src", layout, tensors)
+    dst = convert_checkpoint(src, tmp_path / "dst", dtype=dtype, max_shard_size="20KB")
+    written = {p.name: p.read_bytes() for p in dst.iterdir() if p.name != CONVERTED_MARKER}
+    expected = saved_by_save_pretrained(tmp_path / "reference", checkpoint_config(src), tensors,
+                                        getattr(torch, dtype or "float32"))
+    assert len([name for name in written if name.endswith(".safetensors")]) > 1  # sharded, with an index
+    assert written.keys() == expected.keys()
+    for name in written:
+        assert written[name] == expected[name], name
+
+
+def test_streamed_t5x_conversion_holds_the_t5x_tensors_exactly(tmp_path):
+    tensors = t5x_tensors()
+    dst = convert_checkpoint(write_t5x(tmp_path / "src", tensors), tmp_path / "dst",
+                             t5x_config=OpenMoeConfig(**ARCH), max_shard_size="20KB", dtype="bfloat16")
+    state = {name: t for shard in dst.glob("*.safetensors") for name, t in load_file(shard).items()}
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    ours = reference_params_from_torch_layout(state)
+    theirs = reference_params_from_t5x({name: t.to(torch.bfloat16) for name, t in tensors.items()})
+    flat = lambda p: [p["embed"], p["final_norm"], p["head"]] + [  # noqa: E731
+        t for layer in p["layers"] for v in layer.values() for t in (v if isinstance(v, list) else [v])]
+    assert len(flat(ours)) == len(flat(theirs)) == 26
+    assert all(torch.equal(a, b) for a, b in zip(flat(ours), flat(theirs)))
+
+
+def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    import moe_system.model.convert as convert
+    src = write_released(tmp_path / "src", "orion", released_torch_tensors())
+    read, reads = convert.converted_tensor, []
+
+    def interrupted(*args):
+        reads.append(1)
+        if len(reads) == 5:
+            raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of the weights
+        return read(*args)
+
+    monkeypatch.setattr(convert, "converted_tensor", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_once(src)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no destination, no partial copy
+    monkeypatch.setattr(convert, "converted_tensor", read)
+    dst = convert_once(src)
+    assert is_conversion_of(dst, src) and convert_once(src) == dst
+
+
+# A released checkpoint of 280 MiB whose largest tensor (an expert stack) is 32 MiB.
+BIG = dict(ARCH, vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+           num_attention_heads=4, head_dim=64, num_experts=16, moe_layer_interval=1)
+# Converts a tiny checkpoint (imports and first-use allocations: the process's overhead), then a big one, and prints
+# the resident memory before the big one and its peak. VmHWM counts mapped file pages too, so this bounds the
+# conversion's anonymous memory and the source pages it keeps mapped together.
+PEAK_SCRIPT = """
+import json, re, sys
+from pathlib import Path
+from moe_system.model import OpenMoeConfig
+from moe_system.model.convert import convert_checkpoint
+def status(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+tiny, big, dtype = json.loads(sys.argv[1])
+def convert(src, dst, arch):
+    convert_checkpoint(src, dst, dtype=dtype, t5x_config=OpenMoeConfig(**arch) if arch else None)
+convert(*tiny)
+Path("/proc/self/clear_refs").write_text("5")
+overhead = status("VmRSS")
+convert(*big)
+print(json.dumps({"overhead": overhead, "peak": status("VmHWM")}))
+"""
+
+
+def write_big_released(directory, layout: str) -> tuple[int, int]:
+    """A checkpoint of BIG in layout; (its bytes, its largest tensor's bytes)."""
+    config = OpenMoeConfig(**BIG)
+    shapes = expected_shapes(config)
+    rules = t5x_rules(config) if layout == "t5x" else [Rule(name, name) for name in shapes]
+    tensors = {rule.source: torch.full(shapes[rule.target][::-1] if rule.transpose else shapes[rule.target], 0.02)
+               for rule in rules}
+    if layout == "t5x":
+        write_t5x(directory, tensors)
+    else:
+        directory.mkdir()
+        config_json = (colossal_config() if layout == "colossal" else orion_config()) | BIG
+        config_json["num_key_value_heads"] = BIG["num_attention_heads"]
+        (directory / "config.json").write_text(json.dumps(config_json))
+        write_shards(directory, tensors, "bin" if layout == "colossal" else "safetensors")
+    sizes = [t.numel() * t.element_size() for t in tensors.values()]
+    return sum(sizes), max(sizes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, dtype", [("orion", None), ("colossal", "bfloat16"), ("t5x", None)])
+def test_conversion_holds_one_tensor_at_a_time(tmp_path, layout, dtype):
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("cannot reset the peak resident memory (/proc/self/clear_refs)")
+    if layout == "t5x":
+        tiny = write_t5x(tmp_path / "tiny", t5x_tensors())
+    else:
+        tiny = write_released(tmp_path / "tiny", layout, released_torch_tensors())
+    total, largest = write_big_released(tmp_path / "big", layout)
+    t5x = layout == "t5x"  # a T5X checkpoint has no config: its architecture is given
+    runs = [[str(tiny), str(tmp_path / "tiny-out"), ARCH if t5x else None],
+            [str(tmp_path / "big"), str(tmp_path / "big-out"), BIG if t5x else None], dtype]
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(["timeout", "-k", "5", "300", sys.executable, "-c", PEAK_SCRIPT, json.dumps(runs)],
+                            cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    memory = json.loads(result.stdout.splitlines()[-1])
+    # One tensor read (as big as the largest expert stack) and its converted copy, with test_memory.py's slack.
+    held = memory["peak"] - memory["overhead"]
+    assert total > 8 * largest and held <= 1.3 * 2 * largest, (held / 2**20, largest / 2**20, total / 2**20)
+    head = load_file(tmp_path / "big-out" / "model.safetensors")["lm_head.weight"]
+    assert head.eq(torch.tensor(0.02).to(getattr(torch, dtype or "float32"))).all()

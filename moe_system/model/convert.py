@@ -14,8 +14,10 @@ sin/cos tables are not in those files: the Colossal-AI model holds them as plain
 as unexpected rather than silently dropped. T5X differs in names and in the orientation of dense kernels.
 
 Conversion is strict. Every source tensor must be used and every tensor of our model produced with the right
-shape, or a CheckpointError lists all the problems. The output is written into a temporary directory beside the
-destination and renamed into place when complete, so a failed conversion leaves no destination behind.
+shape, or a CheckpointError lists all the problems, found from the headers before any weight is read. Then each
+tensor is read, converted and written into its shard on its own, so memory holds one tensor, not the model. The
+output is written into a temporary directory beside the destination and renamed into place when complete, so a
+failed conversion leaves no destination behind.
 """
 
 import argparse
@@ -23,16 +25,19 @@ import copy
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import warnings
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from .config import PRESETS, OpenMoeConfig
 from .modeling import OpenMoeForCausalLM
@@ -44,6 +49,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 # both. Transformers <= 4.34, which wrote the released checkpoints, saved .bin pickles by default.
 WEIGHT_FILES = (("model.safetensors.index.json", "model.safetensors"),
                 ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+# safetensors' codes for the dtypes a checkpoint may hold
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 # Only the sentencepiece model travels with the weights: released tokenizer configs may point at remote code.
 SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model")
 # Written last into every conversion (before it is renamed into place): the source it came from, with its files'
@@ -250,45 +260,77 @@ def hf_weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]
                           "pytorch_model.bin[.index.json])")
 
 
-def read_weight_file(path: Path, meta: bool) -> dict[str, torch.Tensor]:
+class LazyWeights(Mapping):
+    """A checkpoint's tensors by name, each read from disk when looked up and not kept, so that a conversion holds
+    one tensor at a time. headers: each name's shape and dtype as a meta tensor, read from the file headers alone."""
+
+    def __init__(self, headers: dict[str, torch.Tensor], read):
+        self.headers, self._read = headers, read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.headers:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self):
+        return iter(self.headers)
+
+    def __len__(self) -> int:
+        return len(self.headers)
+
+
+def read_weight_file(path: Path, name: str | None = None):
+    """The headers of a weight file ({name: meta tensor}, nothing read), or the one tensor name.
+
+    Each read opens the file again and its tensor is a view of the file's pages: mapped pages count as this
+    process's resident memory while mapped, so only the tensor in use is. A .bin is memory-mapped the same way.
+    """
     try:
         if path.suffix == ".safetensors":
-            if not meta:
-                return load_file(path)
             with safe_open(path, framework="pt") as f:
-                return {name: torch.empty(f.get_slice(name).get_shape(), device="meta") for name in f.keys()}
-        # weights_only: a .bin is a pickle, and we load nothing but tensors from it. mmap keeps a large
-        # checkpoint on disk until its tensors are used.
-        state = torch.load(path, map_location="meta" if meta else "cpu", weights_only=True, mmap=not meta)
+                if name is not None:
+                    return f.get_tensor(name)
+                slices = {key: f.get_slice(key) for key in f.keys()}
+                unknown = {key: s.get_dtype() for key, s in slices.items() if s.get_dtype() not in SAFETENSORS_DTYPES}
+                if unknown:
+                    raise CheckpointError(f"{path} holds tensors of a dtype we cannot convert: "
+                                          f"{listing(f'{key} ({code})' for key, code in unknown.items())}")
+                return {key: torch.empty(s.get_shape(), dtype=SAFETENSORS_DTYPES[s.get_dtype()], device="meta")
+                        for key, s in slices.items()}
+        # weights_only: a .bin is a pickle, and we load nothing but tensors from it.
+        state = torch.load(path, map_location="meta" if name is None else "cpu", weights_only=True,
+                           mmap=name is not None)
+    except CheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(f"cannot read weights from {path}: {err} (a damaged or partly copied file: copy or "
                               "save the checkpoint again)") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
-    return state
+    return state if name is None else state[name]
 
 
-def read_hf_weights(directory, meta: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor of a Hugging Face checkpoint directory; meta=True reads only names and shapes.
+def read_hf_weights(directory) -> LazyWeights:
+    """Every tensor of a Hugging Face checkpoint directory, read when used; the headers are read here.
 
     The index must agree with its shards. from_pretrained (transformers 5.23) ignores a tensor the index lists
     but no shard holds, and stops with a bare FileNotFoundError on a missing shard file.
     """
     directory = Path(directory)
     files, weight_map = hf_weight_files(directory)
-    tensors, misplaced = {}, []
+    headers, file_of, misplaced = {}, {}, []
     for path in files:
-        for name, tensor in read_weight_file(path, meta).items():
-            if name in tensors or (weight_map is not None and weight_map.get(name) != path.name):
+        for name, meta in read_weight_file(path).items():
+            if name in headers or (weight_map is not None and weight_map.get(name) != path.name):
                 misplaced.append(f"{name} in {path.name}")
-            tensors[name] = tensor
-    unlisted = [f"{name} ({file})" for name, file in (weight_map or {}).items() if name not in tensors]
+            headers[name], file_of[name] = meta, path
+    unlisted = [f"{name} ({file})" for name, file in (weight_map or {}).items() if name not in headers]
     problems = [f"{what}: {listing(items)}" for what, items in (
         ("the index lists tensors no shard holds", unlisted),
         ("shards hold tensors their index does not place there (or twice)", misplaced)) if items]
     if problems:
         raise CheckpointError(f"{directory}: " + "; ".join(problems))
-    return tensors
+    return LazyWeights(headers, lambda name: read_weight_file(file_of[name], name))
 
 
 def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
@@ -299,8 +341,18 @@ def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def read_t5x_npz(directory) -> dict[str, torch.Tensor]:
-    """T5X parameters from the one .npz in directory, keyed by their paths ("decoder/layers_0/.../kernel").
+def npy_header(archive: zipfile.ZipFile, member: str) -> torch.Tensor:
+    """The shape and dtype (as a meta tensor) of one .npy in an .npz, from its header alone."""
+    with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    return torch.empty(shape, dtype=numpy_to_torch(np.empty(0, dtype)).dtype, device="meta")
+
+
+def read_t5x_npz(directory) -> LazyWeights:
+    """T5X parameters from the one .npz in directory, keyed by their paths ("decoder/layers_0/.../kernel"), each
+    read when used; the headers are read here.
 
     Why .npz: a native T5X checkpoint is a msgpack tree plus tensorstore (zarr) arrays, readable only with
     t5x/flax/tensorstore, which we neither have nor want as dependencies, while numpy reads an .npz safely
@@ -313,17 +365,25 @@ def read_t5x_npz(directory) -> dict[str, torch.Tensor]:
         found = f"{len(files)} ({listing(f.name for f in files)})" if files else f"none; {T5X_EXPORT_HINT}"
         raise CheckpointError(f"{directory}: a T5X checkpoint here is exactly one .npz of parameters, found {found}")
     try:
-        with np.load(files[0], allow_pickle=False) as archive:
-            arrays = [(name, archive[name]) for name in archive.files]
-    except (OSError, ValueError) as err:
+        with zipfile.ZipFile(files[0]) as archive:
+            arrays = [(member.removesuffix(".npy"), npy_header(archive, member)) for member in archive.namelist()]
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"cannot read {files[0]}: {err}") from None
-    tensors = {}
-    for name, array in arrays:
+    headers, member_of = {}, {}
+    for name, meta in arrays:
         key = name.removeprefix("target/")
-        if key in tensors:
+        if key in headers:
             raise CheckpointError(f"{files[0]} holds {key} twice (with and without target/)")
-        tensors[key] = numpy_to_torch(array)
-    return tensors
+        headers[key], member_of[key] = meta, name
+
+    def read(key: str) -> torch.Tensor:
+        try:
+            with np.load(files[0], allow_pickle=False) as archive:
+                return numpy_to_torch(archive[member_of[key]])
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot read {key} from {files[0]}: {err}") from None
+
+    return LazyWeights(headers, read)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,32 +427,33 @@ def t5x_rules(config: OpenMoeConfig) -> list[Rule]:
     return rules
 
 
-def apply_rules(tensors: dict, rules: list[Rule], expected: dict, what: str) -> dict[str, torch.Tensor]:
-    """Our state dict from the source tensors; every source tensor used, every target produced, shapes checked."""
+def check_rules(headers: dict, rules: list[Rule], expected: dict, what: str) -> None:
+    """Before any tensor is read: every source tensor used, every target produced, each with the right shape."""
     assert sorted(rule.target for rule in rules) == sorted(expected), "rules must produce exactly our tensors"
-    missing = [rule.source for rule in rules if rule.source not in tensors]
-    unexpected = sorted(set(tensors) - {rule.source for rule in rules})
-    state, mismatched = {}, []
+    missing = [rule.source for rule in rules if rule.source not in headers]
+    unexpected = sorted(set(headers) - {rule.source for rule in rules})
+    mismatched = []
     for rule in rules:
-        if rule.source not in tensors:
+        if rule.source not in headers:
             continue
-        tensor, want = tensors[rule.source], expected[rule.target]
+        shape, want = tuple(headers[rule.source].shape), expected[rule.target]
         want_source = want[::-1] if rule.transpose else want  # reported in the source's own orientation
-        if tuple(tensor.shape) != want_source:
-            mismatched.append(f"{rule.source} {tuple(tensor.shape)}, expected {want_source}")
-            continue
-        state[rule.target] = tensor.t().contiguous() if rule.transpose else tensor
+        if shape != want_source:
+            mismatched.append(f"{rule.source} {shape}, expected {want_source}")
     raise_problems(what, missing, unexpected, mismatched)
-    return state
 
 
-def convert_state(src: Path, layout: str, config: OpenMoeConfig) -> dict[str, torch.Tensor]:
+def read_source(src: Path, layout: str, config: OpenMoeConfig) -> tuple[LazyWeights, dict[str, Rule]]:
+    """The source's tensors (read when used) and the rule producing each of our tensors, checked from headers."""
     expected = expected_shapes(config)
     if layout == "t5x":
-        return apply_rules(read_t5x_npz(src), t5x_rules(config), expected, f"T5X checkpoint {src}")
-    # Colossal-AI and OrionZheng files already use our names and shapes (see the module docstring).
-    same_names = [Rule(name, name) for name in expected]
-    return apply_rules(read_hf_weights(src), same_names, expected, f"{layout} checkpoint {src}")
+        tensors, rules, what = read_t5x_npz(src), t5x_rules(config), f"T5X checkpoint {src}"
+    else:
+        # Colossal-AI and OrionZheng files already use our names and shapes (see the module docstring).
+        tensors, what = read_hf_weights(src), f"{layout} checkpoint {src}"
+        rules = [Rule(name, name) for name in expected]
+    check_rules(tensors.headers, rules, expected, what)
+    return tensors, {rule.target: rule for rule in rules}
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
@@ -403,12 +464,17 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def cast_state(state: dict, dtype: torch.dtype | None) -> tuple[dict, torch.dtype]:
-    """All tensors in one dtype: the requested one, else the source's own, else float32 for a mixed source."""
-    if dtype is None:
-        found = {tensor.dtype for tensor in state.values()}
-        dtype = found.pop() if len(found) == 1 else torch.float32
-    return {name: tensor.to(dtype) for name, tensor in state.items()}, dtype
+def output_dtype(headers: dict, dtype: torch.dtype | None) -> torch.dtype:
+    """One dtype for all tensors: the requested one, else the source's own, else float32 for a mixed source."""
+    if dtype is not None:
+        return dtype
+    found = {tensor.dtype for tensor in headers.values()}
+    return found.pop() if len(found) == 1 else torch.float32
+
+
+def converted_tensor(tensors: LazyWeights, rule: Rule, dtype: torch.dtype) -> torch.Tensor:
+    tensor = tensors[rule.source]
+    return (tensor.t() if rule.transpose else tensor).to(dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -432,19 +498,55 @@ def move_into_place(partial: Path, dst: Path) -> None:
         os.rename(partial, dst)
 
 
-def write_checkpoint(state: dict, config: OpenMoeConfig, dtype: torch.dtype, src: Path, dst: Path,
-                     max_shard_size) -> None:
+def write_safetensors(path: Path, metas: dict[str, torch.Tensor], tensor_of) -> None:
+    """A safetensors file of the meta tensors' names, shapes and dtypes, laid out as safetensors' save_file lays
+    it out (names sorted, header padded to 8 bytes), whose data is written one tensor_of(name) at a time: the
+    header needs only the shapes, so no more than one tensor is ever held."""
+    names = sorted(metas)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0  # from_pretrained refuses files without the format
+    for name in names:
+        nbytes = metas[name].numel() * metas[name].element_size()
+        header[name] = {"dtype": SAFETENSORS_CODES[metas[name].dtype], "shape": list(metas[name].shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # every tensor's data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name in names:
+            tensor = tensor_of(name)
+            assert tensor.shape == metas[name].shape and tensor.dtype == metas[name].dtype and tensor.is_contiguous()
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy())
+        assert f.tell() == 8 + len(encoded) + offset
+
+
+def write_checkpoint(tensors: LazyWeights, rule_of: dict[str, Rule], config: OpenMoeConfig, dtype: torch.dtype,
+                     src: Path, dst: Path, max_shard_size) -> None:
+    """What save_pretrained writes (the same shards, index, config.json and generation_config.json), streamed:
+    each tensor is read, converted and written before the next is read."""
     with torch.device("meta"):
         model = OpenMoeForCausalLM(config)
-    model.load_state_dict(state, strict=True, assign=True)  # assign: the tensors become the parameters, no copy
-    model.config.dtype = dtype
+    targets = {name: torch.empty(t.shape, dtype=dtype, device="meta") for name, t in model.state_dict().items()}
+    try:
+        split = split_torch_state_dict_into_shards(targets, filename_pattern="model{suffix}.safetensors",
+                                                   max_shard_size=max_shard_size)
+    except ValueError as err:
+        raise CheckpointError(f"max shard size {max_shard_size!r}: {err}") from None
+    model.config.dtype = str(dtype).removeprefix("torch.")
+    model.config.architectures = [type(model).__name__]
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
-        # Under torch.distributed, transformers writes on global rank 0 only; a conversion runs on one rank per
-        # node (LOCAL_RANK 0), which must write whatever its global rank.
-        model.should_save_on_this_rank = lambda is_main_process: is_main_process
-        model.save_pretrained(partial, max_shard_size=max_shard_size)
+        for file, names in split.filename_to_tensors.items():
+            write_safetensors(partial / file, {name: targets[name] for name in names},
+                              lambda name: converted_tensor(tensors, rule_of[name], dtype))
+        if split.is_sharded:
+            index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+                     "weight_map": split.tensor_to_filename}
+            (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        model.config.save_pretrained(partial)
+        if model.can_generate():
+            model.generation_config.save_pretrained(partial)
         copy_sentencepiece(src, partial)
         # Read back the names and shapes written: a save that dropped or renamed a tensor fails here.
         check_weights(partial, expected_shapes(config))
@@ -475,8 +577,8 @@ def convert_checkpoint(src_dir, dst_dir, *, source: str = "auto", t5x_config=Non
         raise CheckpointError(f"{dst} cannot be replaced: it is not a directory, or it is the source itself")
     dtype = resolve_dtype(dtype)
     config = checkpoint_config(src, source=layout, t5x_config=t5x_config)
-    state, out_dtype = cast_state(convert_state(src, layout, config), dtype)
-    write_checkpoint(state, config, out_dtype, src, dst, max_shard_size)
+    tensors, rule_of = read_source(src, layout, config)
+    write_checkpoint(tensors, rule_of, config, output_dtype(tensors.headers, dtype), src, dst, max_shard_size)
     return dst
 
 
@@ -539,7 +641,7 @@ def convert_once(src, *, source: str = "auto", t5x_config=None) -> Path:
 
 
 def check_weights(path: Path, expected: dict) -> None:
-    found = {name: tuple(tensor.shape) for name, tensor in read_hf_weights(path, meta=True).items()}
+    found = {name: tuple(tensor.shape) for name, tensor in read_hf_weights(path).headers.items()}
     raise_problems(f"checkpoint {path}", missing=sorted(set(expected) - set(found)),
                    unexpected=sorted(set(found) - set(expected)),
                    mismatched=[f"{name} {found[name]}, expected {shape}" for name, shape in expected.items()
