@@ -513,6 +513,29 @@ def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, 
     assert is_conversion_of(dst, src) and convert_once(src) == dst
 
 
+
+def test_a_full_disk_while_converting_is_one_error_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import moe_system.model.convert as convert
+    src = write_released(tmp_path / "src", "orion", released_torch_tensors())
+    write, writes = convert.write_safetensors, []
+
+    def full(*args):
+        writes.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(convert, "write_safetensors", full)
+    with pytest.raises(CheckpointError, match="disk full while converting .*free up space"):
+        convert_once(src)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no destination, no partial copy
+    assert convert.main([str(src), str(tmp_path / "dst")]) == 2  # the command line: one error line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: disk full while converting"), err
+    assert writes and not (tmp_path / "dst").exists()
+    monkeypatch.setattr(convert, "write_safetensors", write)
+    assert is_conversion_of(convert_once(src), src)
+
 # A released checkpoint of 280 MiB whose largest tensor (an expert stack) is 32 MiB.
 BIG = dict(ARCH, vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
            num_attention_heads=4, head_dim=64, num_experts=16, moe_layer_interval=1)

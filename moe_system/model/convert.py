@@ -22,6 +22,7 @@ failed conversion leaves no destination behind.
 
 import argparse
 import copy
+import errno
 import json
 import os
 import shutil
@@ -552,9 +553,18 @@ def write_checkpoint(tensors: LazyWeights, rule_of: dict[str, Rule], config: Ope
         check_weights(partial, expected_shapes(config))
         (partial / CONVERTED_MARKER).write_text(json.dumps(source_record(src)))
         move_into_place(partial, dst)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"disk full while converting {src} into {dst.parent} (it needs about the "
+                                  f"checkpoint's size, {_gib(src)} GiB); free up space there, or convert "
+                                  f"elsewhere with `python -m moe_system.model.convert {src} DST` and pass "
+                                  f"--load_checkpoint DST") from None
         raise
+
+
+def _gib(path: Path) -> str:
+    return f"{sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file()) / 2 ** 30:.1f}"
 
 
 def convert_checkpoint(src_dir, dst_dir, *, source: str = "auto", t5x_config=None, dtype=None,
