@@ -2,6 +2,7 @@
 and evaluation that holds neither a batch's full-vocabulary logits nor more rows than --eval_batch_size."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -96,6 +97,40 @@ def test_exact_match_prefills_only_the_last_position_and_bounds_the_batch():
     exact_match(model, tokenizer, records, "cpu", batch_size=2)
     assert shapes and all(shape[1] == 1 for shape in shapes)  # never [B, T, vocab]
     assert max(shape[0] for shape in shapes) == 2
+
+
+def test_shared_rounds_deal_batches_out_by_key_and_pad_the_short_rounds():
+    from moe_system.training.evaluate import shared_rounds
+
+    assert shared_rounds([None] * 5, 2) == [(None, [0, 1]), (None, [2, 3]), (None, [4, None])]
+    assert shared_rounds([None] * 3, 1) == [(None, [0]), (None, [1]), (None, [2])]
+    # Capacity dispatch: one shape per round, so the expert slots are sized alike on every rank.
+    assert shared_rounds([(2, 9), (2, 9), (1, 9)], 2) == [((2, 9), [0, 1]), ((1, 9), [2, None])]
+
+
+def test_one_process_evaluates_without_collectives_and_extra_decode_steps_change_no_completion(monkeypatch):
+    """World 1 (no group): no reduction is made; decoding further than a batch needs (as ranks decoding together
+    do) gives the same completions."""
+    import torch.distributed as dist
+
+    from moe_system.data import build_dataset, load_records, load_tokenizer
+    from moe_system.model import OpenMoeConfig, OpenMoeForCausalLM
+    from moe_system.training.evaluate import evaluate_loss, exact_match, greedy_complete
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a collective in a single process")
+
+    monkeypatch.setattr(dist, "all_reduce", no_collective)
+    torch.manual_seed(0)
+    model = OpenMoeForCausalLM(OpenMoeConfig.from_preset("tiny"))
+    tokenizer = load_tokenizer(None, vocab_size=model.config.vocab_size)
+    records = [r for r in load_records("bundled", None, "heldout") if "prompt" in r][:3]
+    prompts = [r["prompt"] for r in records]
+    assert greedy_complete(model, tokenizer, prompts, 3, "cpu", decode_steps=8) == \
+        greedy_complete(model, tokenizer, prompts, 3, "cpu")
+    rows = build_dataset(records, tokenizer, 32, mode="pad", on_overlong="truncate")
+    assert math.isfinite(evaluate_loss(model, torch.utils.data.DataLoader(rows, batch_size=2), "cpu")["eval/loss"])
+    assert 0.0 <= exact_match(model, tokenizer, records, "cpu", batch_size=2) <= 1.0
 
 
 def _reference_loss(final_dir: Path, eval_samples: int, max_length: int, dataset: str = "bundled",
