@@ -2,6 +2,7 @@
 and evaluation that holds neither a batch's full-vocabulary logits nor more rows than --eval_batch_size."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -98,7 +99,42 @@ def test_exact_match_prefills_only_the_last_position_and_bounds_the_batch():
     assert max(shape[0] for shape in shapes) == 2
 
 
-def _reference_loss(final_dir: Path, eval_samples: int, max_length: int) -> float:
+def test_shared_rounds_deal_batches_out_by_key_and_pad_the_short_rounds():
+    from moe_system.training.evaluate import shared_rounds
+
+    assert shared_rounds([None] * 5, 2) == [(None, [0, 1]), (None, [2, 3]), (None, [4, None])]
+    assert shared_rounds([None] * 3, 1) == [(None, [0]), (None, [1]), (None, [2])]
+    # Capacity dispatch: one shape per round, so the expert slots are sized alike on every rank.
+    assert shared_rounds([(2, 9), (2, 9), (1, 9)], 2) == [((2, 9), [0, 1]), ((1, 9), [2, None])]
+
+
+def test_one_process_evaluates_without_collectives_and_extra_decode_steps_change_no_completion(monkeypatch):
+    """World 1 (no group): no reduction is made; decoding further than a batch needs (as ranks decoding together
+    do) gives the same completions."""
+    import torch.distributed as dist
+
+    from moe_system.data import build_dataset, load_records, load_tokenizer
+    from moe_system.model import OpenMoeConfig, OpenMoeForCausalLM
+    from moe_system.training.evaluate import evaluate_loss, exact_match, greedy_complete
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a collective in a single process")
+
+    monkeypatch.setattr(dist, "all_reduce", no_collective)
+    torch.manual_seed(0)
+    model = OpenMoeForCausalLM(OpenMoeConfig.from_preset("tiny"))
+    tokenizer = load_tokenizer(None, vocab_size=model.config.vocab_size)
+    records = [r for r in load_records("bundled", None, "heldout") if "prompt" in r][:3]
+    prompts = [r["prompt"] for r in records]
+    assert greedy_complete(model, tokenizer, prompts, 3, "cpu", decode_steps=8) == \
+        greedy_complete(model, tokenizer, prompts, 3, "cpu")
+    rows = build_dataset(records, tokenizer, 32, mode="pad", on_overlong="truncate")
+    assert math.isfinite(evaluate_loss(model, torch.utils.data.DataLoader(rows, batch_size=2), "cpu")["eval/loss"])
+    assert 0.0 <= exact_match(model, tokenizer, records, "cpu", batch_size=2) <= 1.0
+
+
+def _reference_loss(final_dir: Path, eval_samples: int, max_length: int, dataset: str = "bundled",
+                    batch_size: int = 64) -> float:
     """The held-out loss of the saved model in this one process."""
     import moe_system.model  # noqa: F401
     from transformers import AutoModelForCausalLM
@@ -108,9 +144,9 @@ def _reference_loss(final_dir: Path, eval_samples: int, max_length: int) -> floa
 
     model = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32)
     tokenizer = load_tokenizer(None, vocab_size=model.config.vocab_size)
-    records = load_records("bundled", None, "heldout")[:eval_samples]
+    records = load_records(dataset, None, "heldout")[:eval_samples]
     rows = build_dataset(records, tokenizer, max_length, mode="pad", on_overlong="truncate")
-    return evaluate_loss(model, torch.utils.data.DataLoader(rows, batch_size=64), "cpu")["eval/loss"]
+    return evaluate_loss(model, torch.utils.data.DataLoader(rows, batch_size=batch_size), "cpu")["eval/loss"]
 
 
 @pytest.mark.distributed
@@ -174,6 +210,59 @@ def test_pipeline_replicas_split_the_held_out_rows_and_agree_with_one_process(tm
     want = _reference_loss(out / "final", eval_samples=samples, max_length=32)
     assert len(periodic) == 2 and periodic[1] == pytest.approx(want, rel=1e-5)
     assert summary["eval/loss"] == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, split", [
+    (["--plugin", "ep", "--zero_stage", "0"], (3, 2)),  # ep 2, dropless: batches 0 and 2 on rank 0, 1 on rank 1
+    (["--plugin", "ep_zero", "--zero_stage", "1", "--extra_dp_size", "2"], (3, 2)),  # expert replicas
+    (["--plugin", "ep", "--zero_stage", "0", "--dispatch", "capacity"], None),  # rounds of one shape
+])
+def test_ranks_off_the_pipeline_split_the_held_out_rows_and_agree_with_one_process(tmp_path, flags, split):
+    """Two gloo ranks without a pipeline, 5 held-out prompt/completion rows in batches of 2: each row's loss and
+    greedy completion are evaluated on exactly one rank, every rank runs as many forwards, and the loss and exact
+    match equal the saved model's in one process (completion by completion)."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_system.data import load_records, load_tokenizer
+    from moe_system.training.evaluate import exact_match, greedy_complete
+
+    records = [r for r in load_records("bundled", None, "heldout") if "prompt" in r][:5]
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out, counts = tmp_path / "run", tmp_path / "counts"
+    counts.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "workers" / "counted_eval.py"), str(counts), *flags, "--precision", "fp32",
+           "--max_steps", "2", "--batch_size", "2", "--max_length", "32", "--eval_dataset", str(held),
+           "--eval_batch_size", "2", "--output_path", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls = [json.loads((counts / f"eval_calls-{rank}.json").read_text()) for rank in range(2)]
+    # One evaluation (the final one): every row on exactly one rank, the ranks in step.
+    assert sum(sum(c["loss_rows"]) for c in calls) == 5, calls
+    completed = sorted(pair for c in calls for pair in c["completions"])
+    assert sorted(p for p, _ in completed) == sorted(r["prompt"] for r in records), calls
+    if split is not None:
+        assert [sum(c["loss_rows"]) for c in calls] == list(split), calls
+        assert [len(c["completions"]) for c in calls] == list(split), calls
+    assert calls[0]["forwards"] == calls[1]["forwards"] > 0, calls
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
+    tokenizer = load_tokenizer(None, vocab_size=model.config.vocab_size)
+    want = []
+    for start in range(0, 5, 2):  # the run's batches, each decoded as far as its longest reference plus one
+        batch = records[start:start + 2]
+        longest = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in batch)
+        want += [[r["prompt"], o] for r, o in zip(batch, greedy_complete(model, tokenizer, [r["prompt"] for r in batch],
+                                                                         longest + 1, "cpu"))]
+    assert completed == sorted(want)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval/exact_match"] == exact_match(model, tokenizer, records, "cpu", batch_size=2)
+    assert summary["eval/loss"] == pytest.approx(
+        _reference_loss(out / "final", eval_samples=5, max_length=32, dataset=str(held), batch_size=2), rel=1e-5)
 
 
 def test_a_resumed_run_takes_the_architecture_its_checkpoint_saved(tmp_path):
