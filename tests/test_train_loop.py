@@ -175,15 +175,19 @@ def test_pipeline_evaluates_through_the_schedule_like_one_process(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("ep, moe_dp, samples, rows_per_replica", [
-    (2, 1, 11, (7, 4)),  # batches of 4, 4 and 3: replica 0 holds batches 0 and 2, replica 1 batch 1
-    (1, 2, 3, (3, 0)),  # one batch: replica 1 has none
+@pytest.mark.parametrize("ep, moe_dp, samples, rows_per_replica, dispatch", [
+    (2, 1, 11, (7, 4), "dropless"),  # batches of 4, 4 and 3: replica 0 holds batches 0 and 2, replica 1 batch 1
+    (1, 2, 3, (3, 0), "dropless"),  # one batch: replica 1 has none
+    # Capacity: the replicas' micro-batches meet in equal-split exchanges sized by their rows, so the short batch's
+    # round must pair it with padding of its own size (a full-size partner would not fit the exchange).
+    (2, 1, 11, (7, 4), "capacity"),
 ])
 def test_pipeline_replicas_split_the_held_out_rows_and_agree_with_one_process(tmp_path, ep, moe_dp, samples,
-                                                                               rows_per_replica):
+                                                                               rows_per_replica, dispatch):
     """Four gloo ranks, pp=2 x dp=2 (the replicas either one EP group, whose all-to-alls pair up across them, or
     expert replicas): the held-out batches are shared out over the replicas, each stage of a replica runs only
-    that replica's rows, and the loss (periodic and final) is the saved model's in one process."""
+    that replica's rows, and the loss (periodic and final) is the saved model's in one process (dropless: under
+    capacity the micro-batches' token pools decide what is dropped)."""
     from moe_system.parallel.layout import Layout
 
     out = tmp_path / "run"
@@ -194,7 +198,8 @@ def test_pipeline_replicas_split_the_held_out_rows_and_agree_with_one_process(tm
            "--plugin", "hybrid", "--pp_size", "2", "--ep_size", str(ep), "--dp_size", str(moe_dp),
            "--microbatch_size", "2", "--zero_stage", "0", "--precision", "fp32", "--max_steps", "2",
            "--batch_size", "4", "--max_length", "32", "--eval_dataset", "bundled", "--eval_interval", "1",
-           "--eval_samples", str(samples), "--eval_batch_size", "4", "--output_path", str(out)]
+           "--eval_samples", str(samples), "--eval_batch_size", "4", "--dispatch", dispatch,
+           "--output_path", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -204,6 +209,8 @@ def test_pipeline_replicas_split_the_held_out_rows_and_agree_with_one_process(tm
     # Both stages of a replica run its rows (a replica without rows still runs the others' micro-batch count).
     assert {rank: sum(calls) for rank, calls in rows.items()} == {
         rank: rows_per_replica[replica[rank]] * evaluations for rank in range(4)}, rows
+    if dispatch == "capacity":
+        return
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     periodic = [r["eval/loss"] for r in records if "eval/loss" in r and "steps" not in r]
     summary = json.loads((out / "summary.json").read_text())

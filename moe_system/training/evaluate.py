@@ -167,10 +167,11 @@ def plain_lm_loss(config):
 @torch.no_grad()
 def pipeline_evaluate_loss(booster, model, batches, pp_group, dp_group, device) -> dict:
     """evaluate_loss through the pipeline schedule, forward only: each stage runs its own layers and the last
-    one the loss; every rank returns the same numbers. The data-parallel replicas share the batches out (batch i
-    to replica i mod dp), and the token-loss sums and target counts are added over the replicas' last stages.
-    Collective over the whole world: with expert parallelism a stage's forward all-to-alls span the replicas, so
-    every replica runs as many micro-batches as the busiest one, the missing ones on rows without targets."""
+    one the loss; every rank returns the same numbers. The data-parallel replicas share the batches out in
+    rounds of batches with the same number of rows (shared_rounds), and the token-loss sums and target counts are
+    added over the replicas' last stages. Collective over the whole world: with expert parallelism a stage's
+    all-to-alls span the replicas, so in every round each replica runs the same micro-batches, of the same shapes
+    (capacity dispatch sizes its exchange from them), a replica without a batch on rows without targets."""
     lm, schedule = model.unwrap(), booster.plugin.scheduler
     replicas, replica = _rank_of(dp_group)
     was_training = lm.training
@@ -187,23 +188,19 @@ def pipeline_evaluate_loss(booster, model, batches, pp_group, dp_group, device) 
                  "num_items_in_batch": 1.0}  # a sum over tokens; not a tensor: given whole to each
         booster.execute_pipeline(iter([batch]), model, criterion, optimizer=None, return_loss=True)
 
+    batches = list(batches)
     kept = {name: getattr(schedule, name) for name in _SCHEDULE_STATE}
     # Eval micro-batches may differ in shape from training's (a shorter last one): send shapes every time.
     schedule.enable_metadata_cache, schedule.tensor_metadata_recv, schedule.grad_metadata_recv = False, None, None
     schedule.send_tensor_metadata = schedule.send_grad_metadata = True
-    micro_batches = [0] * replicas  # of each replica's share: every rank knows every batch's rows
-    first = None
     try:  # no_sync: execute_pipeline would otherwise all-reduce (zero-filled) gradients after the schedule
         with plain_lm_loss(lm.config), model.no_sync():
-            for i, batch in enumerate(batches):
-                first = batch if first is None else first
-                micro_batches[i % replicas] += -(-len(batch["labels"]) // schedule.microbatch_size)
-                if i % replicas == replica:
-                    run(batch)
-            missing = max(micro_batches) - micro_batches[replica]
-            if missing:  # copies of one row, no targets: they add nothing to either sum
-                rows = first["input_ids"][:1].repeat(missing * schedule.microbatch_size, 1)
-                run({"input_ids": rows, "labels": torch.full_like(rows, -100)})
+            for rows, members in shared_rounds([len(b["labels"]) for b in batches], replicas):
+                if members[replica] is not None:
+                    run(batches[members[replica]])
+                else:  # copies of one row, no targets: they add nothing to either sum
+                    padding = batches[0]["input_ids"][:1].repeat(rows, 1)
+                    run({"input_ids": padding, "labels": torch.full_like(padding, -100)})
     finally:
         for name, value in kept.items():
             setattr(schedule, name, value)
