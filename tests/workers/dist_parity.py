@@ -154,7 +154,7 @@ def run_case(case: dict, out_dir: str) -> None:
     if graphs:  # evaluation runs the blocks eagerly (eval mode), whatever its shapes: it must compile nothing
         rows = [{k: v[:4, :9] for k, v in make_batch().items()}]  # every rank the same rows: the all-to-alls pair
         if layout.is_pipeline:
-            pipeline_evaluate_loss(booster, model, rows, plugin.pp_group, torch.device("cpu"))
+            pipeline_evaluate_loss(booster, model, rows, plugin.pp_group, plugin.dp_group, torch.device("cpu"))
         else:
             evaluate_loss(model, rows, torch.device("cpu"))
         assert model.unwrap().training  # the evaluation handed the model back in training mode
