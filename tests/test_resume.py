@@ -1,6 +1,7 @@
 """Kill a training run with SIGKILL mid-way, resume it, and land on exactly the parameters of a run that was
 never interrupted (fp32 on CPU: every operation is deterministic, so bit-exact is the right bar)."""
 
+import functools
 import json
 import os
 import shutil
@@ -44,14 +45,11 @@ def final_weights(output: Path) -> dict:
 def straight_run(tmp_path_factory):
     """An uninterrupted run per process count (checkpoints at steps 4, 8, 12), made once for the tests that
     compare against it or resume from a copy of it."""
-    runs = {}
-
+    @functools.cache
     def run(nproc: int) -> Path:
-        if nproc not in runs:
-            out = tmp_path_factory.mktemp(f"straight{nproc}") / "run"
-            subprocess.run(command(nproc, out), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
-            runs[nproc] = out
-        return runs[nproc]
+        out = tmp_path_factory.mktemp(f"straight{nproc}") / "run"
+        subprocess.run(command(nproc, out), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
+        return out
     return run
 
 

@@ -1,6 +1,7 @@
 """train.py --streaming: a .jsonl file read lazily, sharded by data-parallel rank (the same rows for every stage of a
 pipeline), bounded by --max_steps, resumed at the exact row; bad combinations end with one clear error."""
 
+import functools
 import json
 import os
 import subprocess
@@ -56,18 +57,14 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
-_straight = {}
-
-
 @pytest.fixture(scope="module")
 def straight(data, tmp_path_factory):
+    @functools.cache
     def run(nproc: int) -> Path:
-        if nproc not in _straight:
-            out = tmp_path_factory.mktemp(f"straight{nproc}")
-            result = train(nproc, data, out)
-            assert result.returncode == 0, result.stderr[-3000:]
-            _straight[nproc] = out
-        return _straight[nproc]
+        out = tmp_path_factory.mktemp(f"straight{nproc}")
+        result = train(nproc, data, out)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return out
     return run
 
 
