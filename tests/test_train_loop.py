@@ -233,7 +233,6 @@ def test_ranks_off_the_pipeline_split_the_held_out_rows_and_agree_with_one_proce
     from transformers import AutoModelForCausalLM
 
     from moe_system.data import load_records, load_tokenizer
-    from moe_system.training.evaluate import exact_match, greedy_complete
 
     records = [r for r in load_records("bundled", None, "heldout") if "prompt" in r][:5]
     held = tmp_path / "held.jsonl"
@@ -259,17 +258,45 @@ def test_ranks_off_the_pipeline_split_the_held_out_rows_and_agree_with_one_proce
 
     model = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
     tokenizer = load_tokenizer(None, vocab_size=model.config.vocab_size)
-    want = []
-    for start in range(0, 5, 2):  # the run's batches, each decoded as far as its longest reference plus one
+    # Each row's completion is the single process's greedy one. A step whose two best logits are closer than
+    # another CPU's rounding could be (reduction order differs between layouts) may go either way: such rows are
+    # left out of the comparison, never all of them.
+    steps = {}  # the run's batches of 2, each decoded as far as its longest reference plus one
+    for start in range(0, 5, 2):
         batch = records[start:start + 2]
         longest = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in batch)
-        want += [[r["prompt"], o] for r, o in zip(batch, greedy_complete(model, tokenizer, [r["prompt"] for r in batch],
-                                                                         longest + 1, "cpu"))]
-    assert completed == sorted(want)
+        steps.update({r["prompt"]: longest + 1 for r in batch})
+    decided = 0
+    for prompt, got in completed:
+        text, margin = _greedy_with_margin(model, tokenizer, prompt, steps[prompt])
+        if margin > 1e-3:
+            assert got == text, (prompt, got, text)
+            decided += 1
+    assert decided >= 3, decided
+    # The run's exact match is the fraction of its own completions equal to the references.
+    hits = sum(got.strip() == next(r for r in records if r["prompt"] == p)["completion"].strip() for p, got in completed)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["eval/exact_match"] == exact_match(model, tokenizer, records, "cpu", batch_size=2)
+    assert summary["eval/exact_match"] == pytest.approx(hits / 5, abs=1e-12)
     assert summary["eval/loss"] == pytest.approx(
         _reference_loss(out / "final", eval_samples=5, max_length=32, dataset=str(held), batch_size=2), rel=1e-5)
+
+
+@torch.no_grad()
+def _greedy_with_margin(model, tokenizer, prompt: str, steps: int) -> tuple[str, float]:
+    """One process's greedy completion of prompt (up to steps tokens, cut at EOS) and the smallest gap between
+    the two best logits over the steps it took."""
+    from moe_system.data import prompt_ids
+
+    ids, new, margin = torch.tensor([prompt_ids(tokenizer, prompt)]), [], float("inf")
+    for _ in range(steps):
+        top = model(input_ids=ids).logits[0, -1].topk(2)
+        margin = min(margin, float(top.values[0] - top.values[1]))
+        token = int(top.indices[0])
+        if token == tokenizer.eos_token_id:
+            break
+        new.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokenizer.decode(new, skip_special_tokens=True), margin
 
 
 def test_a_resumed_run_takes_the_architecture_its_checkpoint_saved(tmp_path):
